@@ -2,6 +2,8 @@
 
     edgesparse export [MODEL] -o DIR [--dtype float32|float16] [--force]     (workstation)
     edgesparse run PKG -p PROMPT [-n N] [--temperature T] [--top-p P] ...     (device)
+    edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input]
+    edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5]
     edgesparse verify PKG                                                     (device)
 
 Bad input raises EdgesparseError, printed as one line with a non-zero exit; --debug shows the
@@ -26,6 +28,117 @@ def _export(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"export needs the workstation extra: pip install 'edgesparse[export]' ({e})") from None
     out = export(a.model, Path(a.output), dtype=a.dtype, force=a.force, progress=not a.quiet)
     print(f"wrote {out}", file=sys.stderr)
+    if a.calibrate:
+        a.package, a.text, a.tokens, a.method, a.target, a.dump, a.threads = (
+            str(out), a.calibrate, 16384, "paper", 0.5, None, None)
+        return _calibrate(a)
+    return 0
+
+
+def _levels(spec: str, arg: str) -> list[float]:
+    try:
+        vals = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise EdgesparseError(f"{arg}: expected comma-separated numbers in [0, 1), got {spec!r}") from None
+    bad = [v for v in vals if not (0.0 <= v < 1.0)]
+    if not vals or bad:
+        raise EdgesparseError(f"{arg}: every sparsity must be in [0, 1), got {spec!r}")
+    return vals
+
+
+def _calibrate(a: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from .format import write_manifest_atomic
+    from edgesparse.runtime.calibrate import calibrate, thresholds_for
+    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.text import TextCodec
+    from edgesparse.runtime.textdata import load_text
+
+    if a.method not in ("paper", "gate", "input"):
+        raise EdgesparseError(f"--method: expected paper, gate or input, got {a.method!r}")
+    target = _levels(str(a.target), "--target")[0]
+    model = Model(a.package, threads=a.threads, ctx=1024, max_batch=512)
+    text, desc = load_text(a.text, "valid")
+    ids = TextCodec(model.pkg).encode(text, special=False)
+    dump = _h5_dump(a.dump, model, a.tokens) if a.dump else None
+    t0 = time.perf_counter()
+    try:
+        table = calibrate(model, ids, tokens=a.tokens, window=512, progress=not a.quiet,
+                          dump=dump.write if dump else None)
+    finally:
+        if dump:
+            dump.close()
+    table["text"] = desc
+    m = model.pkg.manifest
+    sparsity = {"method": a.method, "level": target, "calibration": table}
+    t = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, a.method, target)
+    layers = tuple(dataclasses.replace(l, threshold=float(v)) for l, v in zip(m.layers, t))
+    write_manifest_atomic(model.pkg.path, dataclasses.replace(m, sparsity=sparsity, layers=layers))
+    print(f"calibrated {a.package} on {table['tokens']} tokens of {desc} in {time.perf_counter() - t0:.0f} s; "
+          f"active: {a.method} at {target:.0%} sparsity", file=sys.stderr)
+    return 0
+
+
+class _h5_dump:
+    """--dump: dense neuron outputs h as HDF5 dataset h[layer, token, neuron] (float16)."""
+
+    def __init__(self, path: str, model, tokens: int):
+        try:
+            import h5py
+        except ImportError:
+            raise EdgesparseError("--dump needs h5py: pip install h5py") from None
+        cfg = model.cfg
+        self.f = h5py.File(path, "w")
+        self.d = self.f.create_dataset("h", (cfg.n_layers, tokens, cfg.ffn_dim), dtype="f2",
+                                       chunks=(1, min(tokens, 512), cfg.ffn_dim))
+        self.f.attrs["description"] = "dense FFN neuron outputs h = act(gate.x)*(up.x), [layer, token, neuron]"
+        self.tokens = tokens
+
+    def write(self, layer: int, offset: int, h) -> None:
+        n = min(h.shape[0], self.tokens - offset)
+        if n > 0:
+            self.d[layer, offset:offset + n] = h[:n]
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _eval(a: argparse.Namespace) -> int:
+    import time
+
+    from edgesparse.runtime.evaluate import evaluate, table
+    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.plots import eval_figures
+    from edgesparse.runtime.text import TextCodec
+    from edgesparse.runtime.textdata import load_text, token_windows
+
+    levels = _levels(a.sparsity, "--sparsity")
+    if a.ctx < 2:
+        raise EdgesparseError(f"--ctx: expected at least 2 tokens, got {a.ctx}")
+    if a.windows is not None and a.windows < 1:
+        raise EdgesparseError(f"--windows: expected a positive integer, got {a.windows}")
+    model = Model(a.package, threads=a.threads, ctx=a.ctx, max_batch=a.ctx)
+    sp = model.pkg.manifest.sparsity
+    methods = a.methods.split(",") if a.methods else (
+        sorted(sp["calibration"]["thresholds"]) if sp.get("calibration") else ["paper"])
+    if any(q > 0 for q in levels) and not sp.get("calibration"):
+        raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
+    text, desc = load_text(a.text, "test")
+    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), a.ctx, a.windows)
+    t0 = time.perf_counter()
+    res = evaluate(model, windows, methods, levels, progress=not a.quiet)
+    res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = table(res)
+    (out / "eval.md").write_text(md + "\n")
+    figs = eval_figures(res, sp, out, model.cfg.arch)
+    print(md)
+    print(f"{desc}: {res['windows']} windows x {a.ctx} tokens, {res['seconds']:.0f} s; wrote {out / 'eval.json'}"
+          + (f" and {len(figs)} figures" if figs else " (no figures: pip install matplotlib)"), file=sys.stderr)
     return 0
 
 
@@ -39,6 +152,11 @@ def _run(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"-n/--tokens: expected a positive integer, got {a.tokens}")
     sampler = Sampler(a.temperature, a.top_p, a.seed)
     model = Model(a.package, ctx=a.ctx, threads=a.threads, verify=a.verify)
+    if a.sparsity is not None:
+        from edgesparse.runtime.calibrate import thresholds_for
+        level = _levels(str(a.sparsity), "--sparsity")[0]
+        sp = model.pkg.manifest.sparsity
+        model.set_thresholds([0.0] * model.cfg.n_layers if level == 0 else thresholds_for(sp, sp["method"], level))
     codec = TextCodec(model.pkg)
     if a.prompt == "":
         raise EdgesparseError("-p/--prompt: the prompt is empty")
@@ -69,12 +187,12 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from .format import read_manifest, verify_hashes
+    from .format import FORMAT_VERSION, read_manifest, verify_hashes
     pkg = Path(a.package)
     m = read_manifest(pkg)
     verify_hashes(pkg, m)
-    print(f"{pkg}: ok ({len(m.files)} files, format v{m.exporter.get('version', '?')} exporter, "
-          f"{m.config.arch}, {m.config.n_layers} layers)")
+    print(f"{pkg}: ok (format v{FORMAT_VERSION}, "
+          f"{len(m.files)} files, sha256 verified, {m.config.arch}, {m.config.n_layers} layers)")
     return 0
 
 
@@ -91,7 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weight storage")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--calibrate", metavar="TEXT", help="calibrate thresholds on TEXT after export")
     e.set_defaults(fn=_export)
+
+    c = sub.add_parser("calibrate", help="calibrate per-layer sparsity thresholds on text")
+    c.add_argument("package")
+    c.add_argument("--text", required=True, help="text file, 'wikitext2' (validation split) or hub dataset id")
+    c.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    c.add_argument("--method", default="paper", help="active method: paper (|h|), gate (CATS), input (TEAL)")
+    c.add_argument("--target", default="0.5", help="active target sparsity (default 0.5)")
+    c.add_argument("--dump", metavar="FILE.h5", help="write the dense activations h[layer, token, neuron]")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(fn=_calibrate)
+
+    ev = sub.add_parser("eval", help="perplexity vs sparsity with the runtime")
+    ev.add_argument("package")
+    ev.add_argument("--text", required=True, help="text file, 'wikitext2' (test split) or hub dataset id")
+    ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
+    ev.add_argument("--windows", type=int, default=None, help="use the first N windows (default: all)")
+    ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    ev.add_argument("--methods", default=None, help="comma-separated (default: every calibrated method)")
+    ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(fn=_eval)
 
     r = sub.add_parser("run", help="generate text from a package (device)")
     r.add_argument("package")
@@ -106,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats", action="store_true", help="print timing, RSS and FFN rows read to stderr")
     r.add_argument("--stats-json", metavar="FILE", help="write the same statistics as JSON")
     r.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
+    r.add_argument("--sparsity", type=float, default=None,
+                   help="use the calibrated thresholds for this target (default: the package's active ones)")
     r.set_defaults(fn=_run)
 
     v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes")

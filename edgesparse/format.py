@@ -183,9 +183,38 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
         raise PackageError(f"{where}: chat_template must be a string or null")
     if "tokenizer.json" not in files or files["tokenizer.json"].kind != "tokenizer":
         raise PackageError(f"{where}: 'files' must list tokenizer.json")
+    _check_shapes(config, tensors, layers, where)
     return Manifest(config=config, source=_need(doc, "source", dict, where),
                     exporter=_need(doc, "exporter", dict, where), files=files, tensors=tensors,
                     layers=tuple(layers), sparsity=sparsity, chat_template=tmpl)
+
+
+def expected_shapes(c: ModelConfig, layers) -> dict[str, tuple[int, ...]]:
+    """The shape every tensor must have for this config: the kernels index by these numbers."""
+    shapes = {"embed": (c.vocab_size, c.d_model), "final_norm.weight": (c.d_model,)}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (c.vocab_size, c.d_model)
+    for l in layers:
+        shapes[l.ffn] = (c.ffn_dim, 3, c.d_model)
+    return shapes
+
+
+def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
+    for name, shape in expected_shapes(c, layers).items():
+        if name not in tensors:
+            raise PackageError(f"{where}: tensor {name!r} is missing")
+        if tensors[name].shape != shape:
+            raise PackageError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
+                               f"the config needs {list(shape)}")
+        if tensors[name].dtype not in ("float32", "float16"):
+            raise PackageError(f"{where}: tensor {name!r} must be float32 or float16")
+    for name in ("rope.cos", "rope.sin"):
+        t = tensors.get(name)
+        if t is None:
+            raise PackageError(f"{where}: tensor {name!r} is missing")
+        if len(t.shape) != 2 or t.shape[0] != c.max_position or 2 * t.shape[1] > c.head_dim:
+            raise PackageError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected "
+                               f"[{c.max_position}, rotary_dim/2] with rotary_dim <= {c.head_dim}")
 
 
 def read_manifest(pkg: Path) -> Manifest:
@@ -199,14 +228,14 @@ def read_manifest(pkg: Path) -> Manifest:
         raise PackageError(f"{mpath}: missing; {pkg} is not an edgesparse package")
     try:
         doc = json.loads(mpath.read_bytes().decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or NaN from _no_constants
         raise PackageError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
     return parse_manifest(doc, str(mpath))
 
 
 def _no_constants(name: str):
-    # json accepts NaN/Infinity by default; thresholds may be +inf ("no FFN") but that is written
-    # as the string-free number 1e999 by us, so bare NaN/Infinity/-Infinity mean a corrupted manifest.
+    # json accepts NaN/Infinity/-Infinity by default. A threshold may be +inf ("no FFN"), which
+    # json.dumps writes as the token Infinity; NaN and -Infinity can only mean a corrupted manifest.
     if name == "Infinity":
         return math.inf
     raise ValueError(f"{name} is not allowed")

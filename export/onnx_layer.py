@@ -17,9 +17,9 @@ onnxruntime-genai's model builder takes for the same reason; the graph is small 
                      │                                               │ attn [1,S,H·hd]
                      │                                               ▼
                      │                                   MatMul(W_o) [+b_o] ─► o [1,S,D]
-                     └──────────────────────────────────────────────────────────┐
-                                SkipRMSNorm(o, skip=hidden, γ_post) ─► ffn_in [1,S,D]  (FFN input)
-                                                                    └► residual [1,S,D] (hidden+o)
+                     └─────────────────────────► Add(hidden, o) ─► residual [1,S,D]
+                                                                 └► RMSNorm(γ_post) ─► ffn_in [1,S,D]
+                                                   (ORT's optimizer fuses Add+norm into SkipSimplifiedLayerNorm)
 
 The FFN itself (the part edgesparse makes sparse) is not in the graph: the runtime computes
 residual + FFN(ffn_in) from the mmap'd neuron-major rows.
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from edgesparse.errors import EdgesparseError
 
 MS = "com.microsoft"
 OPSET = 17
@@ -71,6 +73,9 @@ def build_attention_graph(spec: AttentionSpec, w: AttentionWeights, layer: int,
                           weight_dtype=np.float32) -> onnx.ModelProto:
     """One layer's attention subgraph as an ONNX model (float32 activations)."""
     D, H, Hkv, hd = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim
+    if hd % 8:
+        # ORT's CPU GroupQueryAttention kernel rejects other head sizes at run time.
+        raise EdgesparseError(f"head_dim {hd}: ONNX Runtime's GroupQueryAttention needs a multiple of 8")
     qkv_dim = (H + 2 * Hkv) * hd
     assert w.w_qkv.shape == (D, qkv_dim), (w.w_qkv.shape, (D, qkv_dim))
     assert w.w_o.shape == (H * hd, D), w.w_o.shape

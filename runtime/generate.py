@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -28,7 +29,8 @@ class RunStats:
     threads: int
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # NaN (no decode step, e.g. -n 1) is not JSON: write null instead.
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
     def lines(self) -> list[str]:
         return [

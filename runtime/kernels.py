@@ -20,6 +20,10 @@ from numba.extending import overload
 
 # activation codes (ModelConfig.activation)
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+# What the threshold applies to. paper (arXiv 2412.12178): the neuron output |h|, h = act(gate.x)*(up.x);
+# gate (CATS): |act(gate.x)|, so a zeroed neuron's up row is not read either; input (TEAL): the
+# FFN input |x_k| -- the model masks x itself and calls the kernels with the paper rule at t = 0.
+MODE_CODES = {"paper": 0, "gate": 1, "input": 2}
 
 
 @njit(inline="always", fastmath=True)
@@ -63,8 +67,27 @@ def _rows_impl(w, i, scratch):
     return lambda w, i, scratch: w[i]
 
 
+@njit(inline="always", fastmath=True)
+def _neuron_h(wi, x, act, thr, mode):
+    """(h, keep) for one neuron's rows wi [3, D]: h = act(gate.x) * (up.x) and whether it
+    survives the threshold. Decode and small-batch prefill both call this, so for the same input
+    they compute the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)|
+    is below t never reads its up row (h is reported as 0)."""
+    g = np.float32(0.0)
+    for k in range(x.shape[0]):
+        g += wi[0, k] * x[k]
+    a = _act(act, g)
+    if mode == 1 and not abs(a) >= thr:
+        return np.float32(0.0), False
+    u = np.float32(0.0)
+    for k in range(x.shape[0]):
+        u += wi[1, k] * x[k]
+    h = a * u
+    return h, (mode == 1 or abs(h) >= thr)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept):
+def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept, mode=0):
     """Thresholded gated FFN for one token: out = base + FFN_t(x).
 
     w:       [N, 3, D] float32 (or uint16 float16 bits) neuron-major weights (mmap'd, read-only)
@@ -90,14 +113,9 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept):
         n = 0
         for i in range(lo, hi):
             wi = _rows(w, i, rows[c])  # [3, D]
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for k in range(D):
-                g += wi[0, k] * x[k]
-                u += wi[1, k] * x[k]
-            h = _act(act, g) * u
+            h, keep = _neuron_h(wi, x, act, thr, mode)
             h_out[i] = h
-            if abs(h) >= thr:
+            if keep:
                 n += 1
                 for k in range(D):
                     acc[k] += h * wi[2, k]
@@ -107,6 +125,47 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept):
         for c in range(C):
             s += partial[c, k]
         out[k] = s
+    total = 0
+    for c in range(C):
+        total += kept[c]
+    return total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, rows, kept, mode=0):
+    """ffn_glu for S tokens at once (prompt prefill): each neuron's rows are read once and
+    applied to every token, so a short prompt costs about one token's weight traffic.
+
+    w [N, 3, D]; X, base, out [S, D] (out may alias base); h_out [S, N];
+    partial [C, >=S, D], rows [C, 3, D], kept [C] scratch. Returns neurons kept, summed over tokens.
+    """
+    N = w.shape[0]
+    S, D = X.shape
+    C = partial.shape[0]
+    for c in prange(C):
+        lo = c * N // C
+        hi = (c + 1) * N // C
+        acc = partial[c]
+        for s in range(S):
+            for k in range(D):
+                acc[s, k] = 0.0
+        n = 0
+        for i in range(lo, hi):
+            wi = _rows(w, i, rows[c])  # [3, D]
+            for s in range(S):
+                h, keep = _neuron_h(wi, X[s], act, thr, mode)
+                h_out[s, i] = h
+                if keep:
+                    n += 1
+                    for k in range(D):
+                        acc[s, k] += h * wi[2, k]
+        kept[c] = n
+    for s in prange(S):
+        for k in range(D):
+            v = base[s, k]
+            for c in range(C):
+                v += partial[c, s, k]
+            out[s, k] = v
     total = 0
     for c in range(C):
         total += kept[c]
@@ -158,17 +217,43 @@ def gather_rows(table, ids, scale, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def glu_threshold(g, u, thr, act, kept):
-    """Prefill: g <- act(g) * u, then zero |h| < thr, in place; kept[s] = neurons kept for token s.
-    g, u: [S, N] float32 (gate and up projections of S tokens, from BLAS); kept: [S] int64."""
+def glu_threshold(g, u, thr, act, kept, mode=0):
+    """Prefill: g <- act(g) * u, then zero what the threshold rule drops, in place;
+    kept[s] = neurons kept for token s. g, u: [S, N] float32 (gate and up projections of S
+    tokens, from BLAS); kept: [S] int64."""
     S, N = g.shape
     for s in prange(S):
         n = 0
         for i in range(N):
-            h = _act(act, g[s, i]) * u[s, i]
-            if abs(h) >= thr:
+            a = _act(act, g[s, i])
+            h = a * u[s, i]
+            if (abs(a) >= thr) if mode == 1 else (abs(h) >= thr):
                 n += 1
             else:
                 h = np.float32(0.0)
             g[s, i] = h
         kept[s] = n
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def mask_small(x, thr, out, kept):
+    """TEAL-style input sparsity: out = x where |x| >= thr else 0; x, out [S, D];
+    kept[s] = entries kept in row s."""
+    S, D = x.shape
+    for s in prange(S):
+        n = 0
+        for k in range(D):
+            v = x[s, k]
+            keep = abs(v) >= thr
+            out[s, k] = v if keep else np.float32(0.0)
+            n += keep
+        kept[s] = n
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def activation(g, act, out):
+    """out = act(g) elementwise; g, out [S, N] (calibration statistics)."""
+    S, N = g.shape
+    for s in prange(S):
+        for i in range(N):
+            out[s, i] = _act(act, g[s, i])

@@ -25,6 +25,9 @@ from .attention import AttentionStack
 from .package import Package
 
 DEFAULT_CTX = 2048
+# Up to this many tokens a prefill step runs the Numba kernel (weight-bandwidth bound); above it,
+# BLAS (compute bound: eval windows, long prompts).
+SMALL_BATCH = 64
 
 
 def _as_kernel_array(a: np.ndarray) -> np.ndarray:
@@ -56,12 +59,13 @@ class Model:
                  max_batch: int | None = None, verify: bool = False):
         self.pkg = pkg if isinstance(pkg, Package) else Package(pkg, verify=verify)
         cfg = self.cfg = self.pkg.config
-        if not cfg.gated:
-            raise EdgesparseError(f"{self.pkg.path}: plain (non-gated) MLPs are not supported by this runtime yet")
+        if not cfg.gated or cfg.ffn_bias or cfg.norm != "rms":
+            raise EdgesparseError(f"{self.pkg.path}: this runtime runs gated, bias-free FFNs with an RMS final "
+                                  f"norm; the package has gated={cfg.gated}, ffn_bias={cfg.ffn_bias}, norm={cfg.norm!r}")
         self.threads = check_threads(threads)
         numba.set_num_threads(self.threads)
         self._blas_limit = _limit_blas(self.threads)
-        self.ctx = min(ctx or DEFAULT_CTX, cfg.max_position)
+        self.ctx = min(DEFAULT_CTX if ctx is None else ctx, cfg.max_position)
         if self.ctx < 1:
             raise EdgesparseError(f"--ctx: expected a positive integer, got {ctx}")
         self.max_batch = min(max_batch or 512, self.ctx)
@@ -75,7 +79,11 @@ class Model:
         D, N, C = cfg.d_model, cfg.ffn_dim, self.threads
         # Buffers, allocated once.
         self._partial = np.zeros((C, D), np.float32)
+        self._partial_s = np.zeros((C, min(SMALL_BATCH, self.max_batch), D), np.float32)
         self._rows = np.zeros((C, 3, D), np.float32)
+        # matvec's float16 scratch must be C-contiguous: Numba's ravel() copies a non-contiguous
+        # array, so widening into a strided view of _rows would fill a temporary, not the scratch.
+        self._head_rows = np.zeros((C, D), np.float32)
         self._kept = np.zeros(C, np.int64)
         self.h = np.zeros((cfg.n_layers, N), np.float32)       # last decode step's neuron outputs per layer
         self._xn = np.zeros((1, D), np.float32)
@@ -83,6 +91,12 @@ class Model:
         self._g = np.zeros((self.max_batch, N), np.float32)
         self._u = np.zeros((self.max_batch, N), np.float32)
         self._kept_s = np.zeros(self.max_batch, np.int64)
+        self._fmask = np.zeros((self.max_batch, D), np.float32)
+        self.counts = np.zeros((cfg.n_layers, 2), np.int64)   # [L, (kept, total)] of the thresholded quantity
+        self.observer = None     # calibration hook: observer(layer, ffn_in [S,D], gate [S,N], up [S,N])
+        self.method = self.pkg.manifest.sparsity.get("method", "none")
+        if self.method not in K.MODE_CODES:
+            self.method = "paper"   # "none"/"synthetic": thresholds (if any) apply to |h|
         self._tok = np.zeros(1, np.int64)
         self.pos = 0
         self.stats = StepStats()
@@ -102,16 +116,23 @@ class Model:
         self.forward([0])
         self.reset()
 
-    def set_thresholds(self, t) -> None:
+    def set_thresholds(self, t, method: str | None = None) -> None:
+        """Per-layer thresholds [L] (0 = dense) and, optionally, what they apply to
+        (paper: |h|, gate: |act(gate.x)|, input: |x|; see kernels.MODE_CODES)."""
         t = np.asarray(t, np.float32)
         if t.shape != self.thresholds.shape or np.isnan(t).any() or (t < 0).any():
             raise EdgesparseError(f"thresholds: expected {self.thresholds.shape[0]} values >= 0, got {t!r}")
+        if method is not None:
+            if method not in K.MODE_CODES:
+                raise EdgesparseError(f"sparsity method {method!r}: expected one of {sorted(K.MODE_CODES)}")
+            self.method = method
         self.thresholds[:] = t
 
+    def reset_counts(self) -> None:
+        self.counts[:] = 0
+
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
-        """Feed tokens (any count; long inputs go in chunks of max_batch) at the current position.
-        Returns the last token's logits [V] (a view into a reused buffer), or [S, V] with all_logits."""
+    def _check_tokens(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens, np.int64).reshape(-1)
         if tokens.size == 0:
             raise EdgesparseError("empty input: at least one token is needed")
@@ -120,16 +141,64 @@ class Model:
                                   f"{self.ctx} (raise --ctx, up to the model's {self.cfg.max_position})")
         if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
             raise EdgesparseError(f"token ids must be in [0, {self.cfg.vocab_size})")
+        return tokens
+
+    def forward(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Feed tokens (any count; long inputs go in chunks of max_batch) at the current position.
+        Returns the last token's logits [V] (a view into a reused buffer), or [S, V] with all_logits."""
+        tokens = self._check_tokens(tokens)
         outs = []
         for i in range(0, tokens.size, self.max_batch):
             chunk = tokens[i:i + self.max_batch]
             if chunk.size == 1 and not all_logits:
                 self._decode_step(int(chunk[0]))
+                continue
+            x = self._prefill(chunk)                                   # [S, D]
+            if all_logits:
+                outs.append(self._head_all(x))
             else:
-                outs.append(self._prefill(chunk, all_logits))
+                K.rms_norm(x[-1:], self.final_norm, self.cfg.norm_eps, self._xn)
+                K.matvec(self.head, self._xn[0], self.logits, self._head_rows)
         if all_logits:
             return np.concatenate(outs) if len(outs) > 1 else outs[0]
         return self.logits
+
+    def nll(self, tokens) -> np.ndarray:
+        """Negative log-likelihood of tokens[1:] given their prefixes, from position 0 (the
+        perplexity path). Logits are formed a block of rows at a time: [S, V] at once would be
+        200 MB for a 1024-token window of a 49k vocabulary. Returns [S-1] float64."""
+        self.reset()
+        tokens = self._check_tokens(tokens)
+        out = []
+        for i in range(0, tokens.size, self.max_batch):
+            x = self._prefill(tokens[i:i + self.max_batch])             # [S, D]
+            nxt = tokens[i + 1:i + 1 + x.shape[0]]
+            out.append(_nll_rows(self._head_all(x[:nxt.size]), nxt))
+        return np.concatenate(out)
+
+    def _head_all(self, x: np.ndarray) -> np.ndarray:
+        """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
+        xn = np.empty_like(x)
+        K.rms_norm(x, self.final_norm, self.cfg.norm_eps, xn)
+        head = self.head.view(np.float16).astype(np.float32) if self.head.dtype == np.uint16 else self.head
+        return xn @ head.T
+
+    def _ffn_input(self, l: int, f: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """(input, threshold for h, kernel mode) for layer l. TEAL-style input sparsity masks the
+        FFN input here and leaves the kernels the paper rule at t = 0."""
+        mode = K.MODE_CODES[self.method]
+        if mode != 2:
+            return f, self.thresholds[l], mode
+        m = self._fmask[: f.shape[0]]
+        K.mask_small(f, self.thresholds[l], m, self._kept_s[: f.shape[0]])
+        self.counts[l, 0] += int(self._kept_s[: f.shape[0]].sum())
+        self.counts[l, 1] += f.size
+        return m, np.float32(0.0), 0
+
+    def _count(self, l: int, kept: int, tokens: int) -> None:
+        if self.method != "input":
+            self.counts[l, 0] += kept
+            self.counts[l, 1] += tokens * self.cfg.ffn_dim
 
     def _decode_step(self, token: int) -> None:
         a, cfg = self.attn, self.cfg
@@ -137,18 +206,22 @@ class Model:
         x = a.hidden[0, :1]             # [1, D]
         self._tok[0] = token
         K.gather_rows(self.embed, self._tok, np.float32(cfg.embed_scale), x)
-        r, f = a.residual[0, 0], a.ffn_in[0, 0]   # [D]
+        r, f = a.residual[0, :1], a.ffn_in[0, :1]   # [1, D]
         kept = 0
         for l in range(cfg.n_layers):
             a.run(l)
-            kept += K.ffn_glu(self.ffn[l], f, r, self.thresholds[l], self.act, x[0], self.h[l],
-                              self._partial, self._rows, self._kept)
+            fi, t, mode = self._ffn_input(l, f)
+            k = K.ffn_glu(self.ffn[l], fi[0], r[0], t, self.act, x[0], self.h[l],
+                          self._partial, self._rows, self._kept, mode)
+            self._count(l, k, 1)
+            kept += k
         self.stats.ffn_kept.append(kept)
         K.rms_norm(x, self.final_norm, cfg.norm_eps, self._xn)
-        K.matvec(self.head, self._xn[0], self.logits, self._rows[:, 0])
+        K.matvec(self.head, self._xn[0], self.logits, self._head_rows)
         self.pos += 1
 
-    def _prefill(self, tokens: np.ndarray, all_logits: bool) -> np.ndarray | None:
+    def _prefill(self, tokens: np.ndarray) -> np.ndarray:
+        """Run S tokens through every layer; returns the final residual stream [S, D] (a view)."""
         a, cfg = self.attn, self.cfg
         S = tokens.size
         a.set_position(self.pos, S)
@@ -159,24 +232,34 @@ class Model:
         for l in range(cfg.n_layers):
             a.run(l)
             w = self.ffn[l]
+            fi, t, mode = self._ffn_input(l, f)
+            if S <= SMALL_BATCH and self.observer is None:
+                # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
+                k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._rows, self._kept, mode)
+                self._count(l, k, S)
+                continue
             if w.dtype == np.uint16:     # float16 storage: widen this layer once for BLAS
                 w = w.view(np.float16).astype(np.float32)
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
             # neuron-major file (lda = 3·D) and applies the same threshold rule as decode.
-            np.matmul(f, w[:, 0, :].T, out=g)
-            np.matmul(f, w[:, 1, :].T, out=u)
-            K.glu_threshold(g, u, self.thresholds[l], self.act, self._kept_s[:S])
+            np.matmul(fi, w[:, 0, :].T, out=g)
+            np.matmul(fi, w[:, 1, :].T, out=u)
+            if self.observer is not None:
+                self.observer(l, f, g, u)   # calibration: pre-threshold FFN input, gate, up
+            K.glu_threshold(g, u, t, self.act, self._kept_s[:S], mode)
+            self._count(l, int(self._kept_s[:S].sum()), S)
             np.matmul(g, w[:, 2, :], out=x)
             x += r
         self.pos += S
-        xn = np.empty_like(x) if all_logits else self._xn
-        K.rms_norm(x if all_logits else x[-1:], self.final_norm, cfg.norm_eps, xn)
-        if all_logits:
-            head = self.head.view(np.float16).astype(np.float32) if self.head.dtype == np.uint16 else self.head
-            return xn @ head.T           # [S, V]
-        K.matvec(self.head, xn[0], self.logits, self._rows[:, 0])
-        return None
+        return x
+
+
+def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row; logits [S, V] float32, targets [S]. float64 sums."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp((logits - m).astype(np.float64)).sum(axis=1)) + m[:, 0]
+    return lse - logits[np.arange(targets.size), targets]
 
 
 def _limit_blas(threads: int):

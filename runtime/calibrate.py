@@ -1,0 +1,134 @@
+"""Per-layer threshold calibration (arXiv 2412.12178, no retraining).
+
+Run the dense model over calibration text, collect per layer the distribution of the quantity a
+method thresholds, and take its percentiles: the threshold for target sparsity q is the t with
+P(|value| < t) = q on the calibration text. Methods:
+    paper  |h|, h = act(gate.x) * (up.x)   the neuron output (the paper's criterion)
+    gate   |act(gate.x)|                    CATS
+    input  |x_k|, x the FFN input           TEAL
+All three come from the same forward pass, so one calibration stores all three tables.
+
+Distributions are kept as per-layer log-spaced histograms (2048 bins over 1e-10..1e4, 0.7% wide),
+so memory does not grow with the token count and percentiles are exact to well under a point of
+sparsity. The manifest gets a 64-bin version of them for plots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgesparse.errors import EdgesparseError
+
+from .progress import Progress
+
+LEVELS = tuple(round(0.1 * i, 1) for i in range(10))      # 0.0 .. 0.9
+METHODS = ("paper", "gate", "input")
+LOG_LO, LOG_HI, BINS = -10.0, 4.0, 2048
+COMPACT = 64
+
+
+class LogHistogram:
+    """Counts of |v| per layer: bin 0 holds [0, 1e-10), bins 1..BINS are log-spaced up to 1e4,
+    bin BINS+1 holds the rest."""
+
+    def __init__(self, n_layers: int):
+        self.counts = np.zeros((n_layers, BINS + 2), np.int64)
+        self.edges = np.concatenate([[0.0], np.logspace(LOG_LO, LOG_HI, BINS + 1)])   # [BINS+2]
+
+    def add(self, layer: int, v: np.ndarray) -> None:
+        # exact zeros (ReLU) land in bin 0 through the 1e-30 floor
+        a = np.maximum(np.abs(v, dtype=np.float32).ravel(), np.float32(1e-30))
+        idx = np.floor((np.log10(a) - LOG_LO) * (BINS / (LOG_HI - LOG_LO))).astype(np.int64) + 1
+        np.clip(idx, 0, BINS + 1, out=idx)
+        self.counts[layer] += np.bincount(idx, minlength=BINS + 2)
+
+    def quantile(self, layer: int, q: float) -> float:
+        """t with fraction q of the values below it (log-linear inside a bin)."""
+        if q <= 0.0:
+            return 0.0
+        c = self.counts[layer]
+        total = c.sum()
+        if total == 0:
+            raise EdgesparseError("calibration saw no values")
+        cdf = np.cumsum(c) / total
+        b = int(np.searchsorted(cdf, q, side="left"))
+        if b == 0:
+            return float(self.edges[1])                  # exact zeros (ReLU): zero exactly those
+        if b >= BINS + 1:
+            return float(self.edges[-1])
+        lo_cdf = cdf[b - 1]
+        frac = (q - lo_cdf) / max(cdf[b] - lo_cdf, 1e-300)
+        lo, hi = np.log10(self.edges[b]), np.log10(self.edges[b + 1])
+        return float(10 ** (lo + frac * (hi - lo)))
+
+    def compact(self) -> dict:
+        inner = self.counts[:, 1:BINS + 1].reshape(self.counts.shape[0], COMPACT, BINS // COMPACT).sum(2)
+        return {"log10_edges": [float(x) for x in np.linspace(LOG_LO, LOG_HI, COMPACT + 1)],
+                "zeros": self.counts[:, 0].tolist(), "overflow": self.counts[:, -1].tolist(),
+                "counts": inner.tolist()}
+
+
+def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, progress: bool = True,
+              dump=None) -> dict:
+    """Collect the three distributions on up to `tokens` tokens of `ids` (windows of `window`
+    tokens from position 0, dense model) and return the calibration table for the manifest.
+    dump: optional callable(layer, token_offset, h [S, N]) receiving the dense neuron outputs."""
+    from .textdata import token_windows
+    from . import kernels as K
+    if window <= 64:
+        raise EdgesparseError(f"calibration window {window}: must be more than 64 tokens")
+    if tokens < window:
+        raise EdgesparseError(f"--tokens {tokens}: must be at least one window ({window})")
+    wins = token_windows(ids, window, tokens // window)
+    L = model.cfg.n_layers
+    hist = {m: LogHistogram(L) for m in METHODS}
+    act = K.ACT_CODES[model.cfg.activation]
+    h_buf = np.empty((window, model.cfg.ffn_dim), np.float32)
+    a_buf = np.empty_like(h_buf)
+    offset = [0]
+
+    def observe(layer: int, f, g, u) -> None:
+        S = g.shape[0]
+        a, h = a_buf[:S], h_buf[:S]
+        K.activation(g, act, a)
+        np.multiply(a, u, out=h)
+        hist["paper"].add(layer, h)
+        hist["gate"].add(layer, a)
+        hist["input"].add(layer, f)
+        if dump is not None:
+            dump(layer, offset[0], h)
+
+    saved = model.thresholds.copy(), model.method
+    model.set_thresholds(np.zeros(L, np.float32), "paper")
+    model.observer = observe
+    bar = Progress(len(wins), "calibrate", progress)
+    try:
+        for w in wins:
+            model.reset()
+            model.forward(w)
+            offset[0] += w.size
+            bar.update()
+    finally:
+        model.observer = None
+        model.set_thresholds(saved[0], saved[1])
+    table = {"tokens": int(wins.size), "window": window, "levels": list(LEVELS),
+             "thresholds": {}, "histograms": {}}
+    for m in METHODS:
+        th = [[hist[m].quantile(l, q) for l in range(L)] for q in LEVELS]
+        table["thresholds"][m] = th
+        table["histograms"][m] = hist[m].compact()
+    return table
+
+
+def thresholds_for(sparsity: dict, method: str, level: float) -> list[float]:
+    """The calibrated per-layer thresholds for (method, target sparsity) from a manifest's table."""
+    cal = sparsity.get("calibration")
+    if not cal:
+        raise EdgesparseError("this package is not calibrated: run `edgesparse calibrate PKG --text ...` first")
+    if method not in cal["thresholds"]:
+        raise EdgesparseError(f"method {method!r} was not calibrated (have {sorted(cal['thresholds'])})")
+    levels = cal["levels"]
+    for i, q in enumerate(levels):
+        if abs(q - level) < 1e-9:
+            return cal["thresholds"][method][i]
+    raise EdgesparseError(f"sparsity {level}: not a calibrated level (calibrated: {levels})")

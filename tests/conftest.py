@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random Llama models (HF directories + exported packages) and the real
+SmolLM2 package for the `slow` tests.
+
+torch/transformers are imported inside the fixtures only, so test modules that never request
+them (and the subprocesses of test_device_imports) stay free of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+# No test may reach the Hugging Face hub; set before anything imports huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Tiny model: small and odd-ish on purpose. head_dim = 96/6 = 16 (ORT's GroupQueryAttention wants a
+# multiple of 8), GQA with 3 query heads per kv head, intermediate 136 is not a power of two.
+TINY = dict(vocab_size=211, hidden_size=96, intermediate_size=136, num_hidden_layers=3,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+            rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+UNK, BOS, EOS = "w0", "w1", "w2"
+
+
+def _save_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    # single_word: the special tokens w0/w1/w2 must not match inside w10, w109, ...
+    special = {k: AddedToken(v, single_word=True, special=True) for k, v in
+               (("eos_token", EOS), ("bos_token", BOS), ("unk_token", UNK))}
+    PreTrainedTokenizerFast(tokenizer_object=tk, **special).save_pretrained(path)
+
+
+def _make_tiny(path: Path, seed: int, **over) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**(TINY | over))
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    _save_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+def _export(src: Path, out: Path, **kw) -> Path:
+    from edgesparse.export import export
+    return export(str(src), out, progress=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """HF directory of a random Llama (untied lm_head) with a WordLevel tokenizer w0..w210."""
+    return _make_tiny(tmp_path_factory.mktemp("tiny_hf") / "model", seed=0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pkg(tiny_llama_dir, tmp_path_factory) -> Path:
+    """tiny_llama_dir exported as a float32 package. Read-only: tests copy it before changing it."""
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("tiny_pkg") / "tiny.esp")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pkg_f16(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The same model stored as float16 weights."""
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("tiny_pkg16") / "tiny16.esp", dtype="float16")
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_dir(tmp_path_factory) -> Path:
+    """A second random Llama with tie_word_embeddings=True (lm_head = embedding)."""
+    return _make_tiny(tmp_path_factory.mktemp("tied_hf") / "model", seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_pkg(tiny_tied_dir, tmp_path_factory) -> Path:
+    return _export(tiny_tied_dir, tmp_path_factory.mktemp("tied_pkg") / "tied.esp")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_llama_dir):
+    """The transformers model behind tiny_llama_pkg, float32, eval mode."""
+    import torch
+    from transformers import LlamaForCausalLM
+    torch.set_grad_enabled(False)
+    return LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_pkg(tmp_path_factory) -> Path:
+    """The embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32), exported.
+    ~30 s: request it from tests marked `slow` only."""
+    from edgesparse.export import export
+    return export(None, tmp_path_factory.mktemp("smollm2") / "smol.esp", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """(tokenizer, float32 transformers model) of the same default source the package came from."""
+    from edgesparse.export import source
+    src = source.resolve(None)
+    cfg = source.load_config(src)
+    return source.load_tokenizer(src), source.load_model(src, cfg)
