@@ -4,6 +4,7 @@
     edgesparse run PKG -p PROMPT [-n N] [--temperature T] [--top-p P] ...     (device)
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5]
+    edgesparse bench PKG [--sparsity 0,0.5] [--threads 1,2] [--rounds 3]      (device)
     edgesparse verify PKG                                                     (device)
 
 Bad input raises EdgesparseError, printed as one line with a non-zero exit; --debug shows the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +67,8 @@ def _calibrate(a: argparse.Namespace) -> int:
     dump = _h5_dump(a.dump, model, a.tokens) if a.dump else None
     t0 = time.perf_counter()
     try:
-        table = calibrate(model, ids, tokens=a.tokens, window=512, progress=not a.quiet,
+        # windows of 512 tokens, or the whole context for models with a shorter one
+        table = calibrate(model, ids, tokens=a.tokens, window=min(512, model.ctx), progress=not a.quiet,
                           dump=dump.write if dump else None)
     finally:
         if dump:
@@ -186,6 +189,31 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(a: argparse.Namespace) -> int:
+    from edgesparse.runtime.bench import run_bench, table
+    from edgesparse.runtime.model import check_threads
+    from .format import read_manifest
+
+    read_manifest(Path(a.package))        # fail here, not in a worker
+    threads = [check_threads(_int(t, "--threads")) for t in a.threads.split(",")]
+    sparsities = _levels(a.sparsity, "--sparsity")
+    for name in ("rounds", "prompt_tokens", "gen_tokens"):
+        if getattr(a, name) < (2 if name == "gen_tokens" else 1):
+            raise EdgesparseError(f"--{name.replace('_', '-')}: too small ({getattr(a, name)})")
+    res = run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, Path(a.output),
+                    progress=not a.quiet)
+    print(table(res))
+    print(f"wrote {Path(a.output) / 'bench.json'}", file=sys.stderr)
+    return 0
+
+
+def _int(v: str, arg: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise EdgesparseError(f"{arg}: expected integers, got {v!r}") from None
+
+
 def _verify(a: argparse.Namespace) -> int:
     from .format import FORMAT_VERSION, read_manifest, verify_hashes
     pkg = Path(a.package)
@@ -251,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sparsity", type=float, default=None,
                    help="use the calibrated thresholds for this target (default: the package's active ones)")
     r.set_defaults(fn=_run)
+
+    b = sub.add_parser("bench", help="decode speed and memory, configurations side by side")
+    b.add_argument("package")
+    b.add_argument("--sparsity", default="0", help="comma-separated calibrated levels (default 0 = dense)")
+    b.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma-separated thread counts")
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("-o", "--output", default="edgesparse-bench")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(fn=_bench)
 
     v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes")
     v.add_argument("package")
