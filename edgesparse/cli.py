@@ -60,7 +60,10 @@ def _calibrate(a: argparse.Namespace) -> int:
 
     if a.method not in ("paper", "gate", "input"):
         raise EdgesparseError(f"--method: expected paper, gate or input, got {a.method!r}")
+    from edgesparse.runtime.calibrate import LEVELS
     target = _levels(str(a.target), "--target")[0]
+    if not any(abs(target - q) < 1e-9 for q in LEVELS):
+        raise EdgesparseError(f"--target {a.target}: not a calibrated level (calibrated: {list(LEVELS)})")
     model = Model(a.package, threads=a.threads, ctx=1024, max_batch=512)
     text, desc = load_text(a.text, "valid")
     ids = TextCodec(model.pkg).encode(text, special=False)
@@ -69,7 +72,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     try:
         # windows of 512 tokens, or the whole context for models with a shorter one
         table = calibrate(model, ids, tokens=a.tokens, window=min(512, model.ctx), progress=not a.quiet,
-                          dump=dump.write if dump else None)
+                          dump=dump.write if dump else None, what=desc)
     finally:
         if dump:
             dump.close()
@@ -123,13 +126,16 @@ def _eval(a: argparse.Namespace) -> int:
     if a.windows is not None and a.windows < 1:
         raise EdgesparseError(f"--windows: expected a positive integer, got {a.windows}")
     model = Model(a.package, threads=a.threads, ctx=a.ctx, max_batch=a.ctx)
+    if a.ctx > model.cfg.max_position:
+        raise EdgesparseError(f"--ctx {a.ctx}: longer than the model's context ({model.cfg.max_position}); "
+                              "lower --ctx")
     sp = model.pkg.manifest.sparsity
     methods = a.methods.split(",") if a.methods else (
         sorted(sp["calibration"]["thresholds"]) if sp.get("calibration") else ["paper"])
     if any(q > 0 for q in levels) and not sp.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
     text, desc = load_text(a.text, "test")
-    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), a.ctx, a.windows)
+    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), a.ctx, a.windows, desc)
     t0 = time.perf_counter()
     res = evaluate(model, windows, methods, levels, progress=not a.quiet)
     res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads

@@ -45,6 +45,9 @@ class ModelConfig:
                 raise PackageError(f"config.{name}: expected a positive integer, got {v!r}")
         if self.n_heads % self.n_kv_heads:
             raise PackageError(f"config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for t in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + tuple(self.eos_token_ids):
+            if not 0 <= t < self.vocab_size:
+                raise PackageError(f"config: token id {t} (bos_token_id/eos_token_ids) is not in [0, {self.vocab_size})"[:300])
         if self.norm not in NORMS:
             raise PackageError(f"config.norm: expected one of {NORMS}, got {self.norm!r}")
         if self.activation not in ACTIVATIONS:
@@ -75,8 +78,9 @@ class ModelConfig:
             if not isinstance(kw[k], t):
                 raise PackageError(f"manifest config.{k}: expected {t.__name__}, got {kw[k]!r}")
         for k in ("norm_eps", "embed_scale"):
-            if isinstance(kw[k], bool) or not isinstance(kw[k], (int, float)):
-                raise PackageError(f"manifest config.{k}: expected a number, got {kw[k]!r}")
+            if (isinstance(kw[k], bool) or not isinstance(kw[k], (int, float))
+                    or (isinstance(kw[k], int) and abs(kw[k]) > 2**1023)):   # JSON ints are unbounded
+                raise PackageError(f"manifest config.{k}: expected a number, got {kw[k]!r}"[:300])
             kw[k] = float(kw[k])
         if kw["bos_token_id"] is not None and not isinstance(kw["bos_token_id"], int):
             raise PackageError(f"manifest config.bos_token_id: expected an integer or null, got {kw['bos_token_id']!r}")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,8 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
         if ffn not in tensors:
             raise PackageError(f"{w}: ffn tensor {ffn!r} is not in 'tensors'")
         th = _need(l, "threshold", (int, float), w)
+        if isinstance(th, int) and abs(th) > 2**1023:   # JSON integers are unbounded; float() would overflow
+            raise PackageError(f"{w}: threshold is an integer too large for a float")
         if not (math.isfinite(th) or th == math.inf) or th < 0:
             raise PackageError(f"{w}: threshold must be >= 0 (inf allowed), got {th!r}")
         layers.append(LayerEntry(attn, ffn, float(th)))
@@ -212,6 +215,8 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
         t = tensors.get(name)
         if t is None:
             raise PackageError(f"{where}: tensor {name!r} is missing")
+        if t.dtype != "float32":   # bound as ONNX Runtime's float cos/sin caches
+            raise PackageError(f"{where}: tensor {name!r} must be float32, got {t.dtype}")
         if len(t.shape) != 2 or t.shape[0] != c.max_position or 2 * t.shape[1] > c.head_dim:
             raise PackageError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected "
                                f"[{c.max_position}, rotary_dim/2] with rotary_dim <= {c.head_dim}")
@@ -249,6 +254,8 @@ def check_files_on_disk(pkg: Path, m: Manifest) -> None:
             st = p.stat()
         except FileNotFoundError:
             raise PackageError(f"{p}: missing (listed in {MANIFEST})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise PackageError(f"{p}: not a regular file (listed in {MANIFEST})")
         if st.st_size != f.size:
             what = "truncated" if st.st_size < f.size else "larger than listed"
             raise PackageError(f"{p}: {what}: {st.st_size} bytes, {MANIFEST} says {f.size}")

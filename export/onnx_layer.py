@@ -17,9 +17,8 @@ onnxruntime-genai's model builder takes for the same reason; the graph is small 
                      │                                               │ attn [1,S,H·hd]
                      │                                               ▼
                      │                                   MatMul(W_o) [+b_o] ─► o [1,S,D]
-                     └─────────────────────────► Add(hidden, o) ─► residual [1,S,D]
-                                                                 └► RMSNorm(γ_post) ─► ffn_in [1,S,D]
-                                                   (ORT's optimizer fuses Add+norm into SkipSimplifiedLayerNorm)
+                     └──────────► SkipSimplifiedLayerNorm(o, skip=hidden, γ_post) ─► ffn_in [1,S,D]
+                                                                                 └► residual [1,S,D] = hidden + o
 
 The FFN itself (the part edgesparse makes sparse) is not in the graph: the runtime computes
 residual + FFN(ffn_in) from the mmap'd neuron-major rows.
@@ -125,9 +124,14 @@ def build_attention_graph(spec: AttentionSpec, w: AttentionWeights, layer: int,
         domain=MS, num_heads=H, kv_num_heads=Hkv, scale=float(spec.scale), do_rotary=1,
         rotary_interleaved=int(spec.rotary_interleaved), local_window_size=int(spec.local_window)))
     linear("attn", wo, bo, "o")
-    # residual = hidden + o ; ffn_in = norm(residual)
-    nodes.append(helper.make_node("Add", ["hidden", "o"], ["residual"]))
-    norm("residual", g_post, b_post, "ffn_in")
+    # residual = hidden + o ; ffn_in = norm(residual), as one fused contrib op: ORT does not fuse
+    # Add + norm by itself here because the sum is also a graph output.
+    if spec.norm == "rms":
+        nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", ["o", "hidden", g_post],
+                                      ["ffn_in", "", "", "residual"], domain=MS, epsilon=spec.norm_eps))
+    else:
+        nodes.append(helper.make_node("SkipLayerNormalization", ["o", "hidden", g_post, b_post],
+                                      ["ffn_in", "", "", "residual"], domain=MS, epsilon=spec.norm_eps))
 
     S, T = "seq", "max_ctx"
     inputs = [

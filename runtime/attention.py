@@ -47,9 +47,10 @@ class AttentionStack:
         self.seqlens_k = np.zeros((1,), np.int32)
         self.total = np.zeros((), np.int32)
         so = session_options(threads)
-        self.sessions, self.bindings = [], []
+        self.sessions, self.bindings, self.paths = [], [], []
         for l, layer in enumerate(pkg.manifest.layers):
             path = str(pkg.file(layer.attention))
+            self.paths.append(path)
             try:
                 sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
             except Exception as e:  # ORT raises its own exception types for bad graphs
@@ -97,4 +98,9 @@ class AttentionStack:
         self.total[()] = past + s
 
     def run(self, l: int) -> None:
-        self.sessions[l].run_with_iobinding(self.bindings[l])
+        try:
+            self.sessions[l].run_with_iobinding(self.bindings[l])
+        except Exception as e:  # e.g. a graph whose shapes do not match the manifest's config
+            msg = " ".join(str(e).split())[:300]
+            raise PackageError(f"{self.paths[l]}: ONNX Runtime cannot run it with this package's config "
+                               f"and tensors ({msg})") from None

@@ -69,7 +69,7 @@ class LogHistogram:
 
 
 def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, progress: bool = True,
-              dump=None) -> dict:
+              dump=None, what: str = "the calibration text") -> dict:
     """Collect the three distributions on up to `tokens` tokens of `ids` (windows of `window`
     tokens from position 0, dense model) and return the calibration table for the manifest.
     dump: optional callable(layer, token_offset, h [S, N]) receiving the dense neuron outputs."""
@@ -79,7 +79,7 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         raise EdgesparseError(f"calibration window {window}: must be more than 64 tokens")
     if tokens < window:
         raise EdgesparseError(f"--tokens {tokens}: must be at least one window ({window})")
-    wins = token_windows(ids, window, tokens // window)
+    wins = token_windows(ids, window, tokens // window, what)
     L = model.cfg.n_layers
     hist = {m: LogHistogram(L) for m in METHODS}
     act = K.ACT_CODES[model.cfg.activation]

@@ -74,16 +74,22 @@ def _neuron_h(wi, x, act, thr, mode):
     they compute the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)|
     is below t never reads its up row (h is reported as 0)."""
     g = np.float32(0.0)
+    u = np.float32(0.0)
+    if mode == 1:
+        for k in range(x.shape[0]):
+            g += wi[0, k] * x[k]
+        a = _act(act, g)
+        if not abs(a) >= thr:
+            return np.float32(0.0), False
+        for k in range(x.shape[0]):
+            u += wi[1, k] * x[k]
+        return a * u, True
+    # One pass for both dot products: two independent accumulator chains over the same x loads.
     for k in range(x.shape[0]):
         g += wi[0, k] * x[k]
-    a = _act(act, g)
-    if mode == 1 and not abs(a) >= thr:
-        return np.float32(0.0), False
-    u = np.float32(0.0)
-    for k in range(x.shape[0]):
         u += wi[1, k] * x[k]
-    h = a * u
-    return h, (mode == 1 or abs(h) >= thr)
+    h = _act(act, g) * u
+    return h, abs(h) >= thr
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -190,7 +196,7 @@ def matvec(w, x, y, rows):
             y[i] = s
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")   # NaN weights give NaN, not ZeroDivisionError
 def rms_norm(x, weight, eps, out):
     """out = x / sqrt(mean(x^2) + eps) * weight, per row; x, out [S, D], weight [D].
     Sum of squares in float64: one pass over D values, cheap, and keeps the norm exact enough

@@ -187,6 +187,8 @@ class Model:
         """(input, threshold for h, kernel mode) for layer l. TEAL-style input sparsity masks the
         FFN input here and leaves the kernels the paper rule at t = 0."""
         mode = K.MODE_CODES[self.method]
+        if self.thresholds[l] == 0.0:
+            return f, self.thresholds[l], 0     # t = 0 is the dense model under every rule
         if mode != 2:
             return f, self.thresholds[l], mode
         m = self._fmask[: f.shape[0]]

@@ -18,6 +18,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits [V] -> token id."""
+        if not np.isfinite(logits).all():
+            raise EdgesparseError("the model computed non-finite logits (NaN or inf): the package's weights are "
+                                  "damaged; check it with `edgesparse verify`")
         if self.temperature == 0.0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.temperature

@@ -29,11 +29,16 @@ class TextCodec:
         (sandboxed Jinja, trim_blocks + lstrip_blocks, generation prompt appended)."""
         if not self.template:
             raise EdgesparseError("--chat: this package has no chat template")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(self.template).render(
-            messages=[{"role": "user", "content": user}], add_generation_prompt=True,
-            bos_token=self.bos, eos_token=self.eos)
+        try:
+            text = env.from_string(self.template).render(
+                messages=[{"role": "user", "content": user}], add_generation_prompt=True,
+                bos_token=self.bos, eos_token=self.eos)
+        except TemplateError as e:   # syntax errors, and the sandbox refusing unsafe access
+            msg = " ".join(str(e).split())[:200]
+            raise EdgesparseError(f"manifest chat_template: {type(e).__name__}: {msg}") from None
         # The template writes the special tokens itself, as apply_chat_template does.
         return self.encode(text, special=False)
 

@@ -74,11 +74,11 @@ def _hub_text(dataset_id: str, split: str) -> str:
     return "".join(ds[col])
 
 
-def token_windows(ids: list[int], window: int, count: int | None) -> np.ndarray:
+def token_windows(ids: list[int], window: int, count: int | None, what: str = "the text") -> np.ndarray:
     """Non-overlapping windows [n, window] from the start of the token stream."""
     n = len(ids) // window
     if count is not None:
         n = min(n, count)
     if n < 1:
-        raise EdgesparseError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+        raise EdgesparseError(f"{what}: {len(ids)} tokens, fewer than one window of {window}")
     return np.asarray(ids[: n * window], np.int64).reshape(n, window)

@@ -80,6 +80,20 @@ def test_truncated_weight_file(capsys, pkg):
     cli_error(capsys, ["run", pkg, *PROMPT], f, "truncated", len(data) - 100, len(data))
 
 
+def test_empty_weight_file(capsys, pkg):
+    f = pkg / "ffn" / "000.bin"
+    size = f.stat().st_size
+    f.write_bytes(b"")
+    cli_error(capsys, ["run", pkg, *PROMPT], f, "truncated", "0 bytes", size)
+
+
+def test_oversized_weight_file(capsys, pkg):
+    f = pkg / "embed.bin"
+    data = f.read_bytes()
+    f.write_bytes(data + b"\0" * 4096)
+    cli_error(capsys, ["run", pkg, *PROMPT], f, "larger than listed", len(data) + 4096, len(data))
+
+
 def test_corrupted_onnx_graph(capsys, pkg):
     f = pkg / "attn" / "001.onnx"
     f.write_bytes(b"\xff" * f.stat().st_size)          # same size: only ORT can tell
@@ -101,6 +115,12 @@ def test_unknown_format_version(capsys, pkg):
 def test_manifest_not_json(capsys, pkg):
     m = pkg / "manifest.json"
     m.write_text(m.read_text()[:-40])
+    cli_error(capsys, ["run", pkg, *PROMPT], m, "JSON")
+
+
+def test_empty_manifest(capsys, pkg):
+    m = pkg / "manifest.json"
+    m.write_bytes(b"")
     cli_error(capsys, ["run", pkg, *PROMPT], m, "JSON")
 
 
@@ -129,6 +149,12 @@ def test_negative_shape(capsys, pkg):
 def test_shape_past_end_of_file(capsys, pkg):
     m = edit_manifest(pkg, lambda d: d["tensors"]["embed"].update(shape=[212, 96]))
     cli_error(capsys, ["run", pkg, *PROMPT], m, "'embed'", "embed.bin")
+
+
+@pytest.mark.parametrize("offset", [4096, 1 << 40])
+def test_offset_past_end_of_file(capsys, pkg, offset):
+    m = edit_manifest(pkg, lambda d: d["tensors"]["lm_head"].update(offset=offset))
+    cli_error(capsys, ["run", pkg, *PROMPT], m, "'lm_head'", offset, "past the end of head.bin")
 
 
 def test_config_inconsistent(capsys, pkg):
@@ -166,6 +192,8 @@ def test_bad_threshold(capsys, pkg, value):
     (["--temperature", "nan"], "--temperature"),
     (["--top-p", "0"], "--top-p"),
     (["--top-p", "1.5"], "--top-p"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
 ])
 def test_bad_run_arguments(capsys, tiny_llama_pkg, args, needle):
     cli_error(capsys, ["run", tiny_llama_pkg, *PROMPT, *args], needle)
@@ -240,6 +268,11 @@ def test_verify_good_and_flipped_byte(capsys, pkg):
     f.write_bytes(bytes(data))
     cli_error(capsys, ["verify", pkg], f, "sha256")
     cli_error(capsys, ["run", pkg, *PROMPT, "--verify"], f, "sha256")
+
+
+def test_verify_nonexistent_package(capsys, tmp_path):
+    missing = tmp_path / "no-such.esp"
+    cli_error(capsys, ["verify", missing], missing, "no such package")
 
 
 def test_debug_reraises(capsys, tmp_path):

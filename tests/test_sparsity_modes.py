@@ -298,3 +298,38 @@ def test_activation_kernel(act):
     for other in ACTS:
         if other != act:
             assert np.any(np.abs(act_ref(other, g) - ref) > 20 * act_err(ref, g)), other
+
+
+def test_gate_threshold_is_inclusive():
+    """|act(g)| == t is kept (only |act(g)| < t is dropped), in all three kernels. relu makes
+    act(g) = g exactly, and with D = 1, x = 1 and integer-valued weights the gate dot product
+    g = w_gate * 1 is exact too, so t can be set to one neuron's exact gate value."""
+    N, S = 41, 3
+    rng = np.random.default_rng(21)
+    relu = K.ACT_CODES["relu"]
+    w = np.zeros((N, 3, 1), np.float32)
+    w[:, 0, 0] = rng.permutation(np.arange(-20, 21))[:N]      # gate values -20..20, each once
+    w[:, 1, 0] = rng.choice([-3.0, -1.0, 2.0, 5.0], N)        # up: non-zero
+    w[:, 2, 0] = 1.0
+    x = np.ones(1, np.float32)
+    g = w[:, 0, 0]
+    for t in (1.0, 7.0, 20.0):
+        want = g >= t                                           # relu(g) >= t, t > 0
+        nt = int(want.sum())
+        above = np.nextafter(np.float32(t), np.float32(np.inf))
+        out, h, kept = ffn_glu(w, x, np.zeros(1, np.float32), t, "relu", 2, GATE)
+        _, _, kept_above = ffn_glu(w, x, np.zeros(1, np.float32), above, "relu", 2, GATE)
+        np.testing.assert_array_equal(h != 0.0, want)
+        assert kept == nt and kept_above == nt - 1
+        _, hb, kb = ffn_glu_batch(w, np.ones((S, 1), np.float32), np.zeros((S, 1), np.float32), t, "relu", 2, GATE)
+        np.testing.assert_array_equal(hb != 0.0, np.broadcast_to(want, (S, N)))
+        assert kb == S * nt
+        gg = np.tile(g, (S, 1))
+        kept_s = np.zeros(S, np.int64)
+        K.glu_threshold(gg, np.tile(w[:, 1, 0], (S, 1)), np.float32(t), relu, kept_s, GATE)
+        np.testing.assert_array_equal(gg != 0.0, np.broadcast_to(want, (S, N)))
+        np.testing.assert_array_equal(kept_s, nt)
+        gg = np.tile(g, (S, 1))
+        K.glu_threshold(gg, np.tile(w[:, 1, 0], (S, 1)), above, relu, kept_s, GATE)
+        np.testing.assert_array_equal(kept_s, nt - 1)
+        print(f"t={t}: kept {nt} (the neuron with gate exactly t among them), just above t: {kept_above}")
