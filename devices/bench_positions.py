@@ -1,11 +1,16 @@
 """Per-token decode latency against position: evidence that the KV cache is written in place.
 
     python devices/bench_positions.py PKG [--positions 32,1000] [--steps 16] [--rounds 5] [--threads 2]
+                                          [--buffers 1024,8192]
 
 For each round and each position p (alternating), the sequence is prefilled to p tokens and
 `--steps` single tokens are decoded; the median per-token latency per position and the ratio to
 the first position are printed. Attention itself grows with p (it reads p keys), so the ratio is
 not 1.0; a per-token copy of the whole cache would add another O(p) on top.
+
+--buffers repeats the first position with KV buffers allocated for different context lengths: a
+runtime that copied (or cleared) the whole cache every token would slow down with the buffer size.
+The model runs dense (thresholds 0) whatever the package's calibration.
 """
 
 from __future__ import annotations
@@ -26,25 +31,33 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--buffers", default=None, help="comma-separated KV buffer lengths to compare")
     a = p.parse_args(argv)
     positions = [int(x) for x in a.positions.split(",")]
-    m = Model(a.package, ctx=max(positions) + a.steps + 1, threads=a.threads)
-    m.warmup()
+    need = max(positions) + a.steps + 1
+    buffers = [int(x) for x in a.buffers.split(",")] if a.buffers else []
+    models = {b: Model(a.package, ctx=b, threads=a.threads) for b in sorted({need, *buffers})}
+    for m in models.values():
+        m.set_thresholds(np.zeros(m.cfg.n_layers, np.float32))
+        m.warmup()
     rng = np.random.default_rng(0)
-    lat: dict[int, list[float]] = {q: [] for q in positions}
+    cases = [(need, q) for q in positions] + [(b, positions[0]) for b in buffers if b != need]
+    lat: dict[tuple, list[float]] = {c: [] for c in cases}
     for r in range(a.rounds):
-        for q in positions:
+        for buf, q in cases:
+            m = models[buf]
             m.reset()
             m.forward(rng.integers(100, m.cfg.vocab_size - 1, q))
             for _ in range(a.steps):
                 t = time.perf_counter()
                 m.forward([int(rng.integers(100, m.cfg.vocab_size - 1))])
-                lat[q].append(time.perf_counter() - t)
+                lat[(buf, q)].append(time.perf_counter() - t)
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
-    base = statistics.median(lat[positions[0]])
-    for q in positions:
-        med = statistics.median(lat[q])
-        print(f"position {q:5d}: median {med * 1e3:7.2f} ms/token  ({med / base:.2f}x position {positions[0]})")
+    base = statistics.median(lat[cases[0]])
+    for buf, q in cases:
+        med = statistics.median(lat[(buf, q)])
+        print(f"position {q:5d}, KV buffer {buf:5d}: median {med * 1e3:7.2f} ms/token "
+              f"({med / base:.2f}x position {positions[0]})")
     return 0
 
 

@@ -263,3 +263,18 @@ def activation(g, act, out):
     for s in prange(S):
         for i in range(N):
             out[s, i] = _act(act, g[s, i])
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def nll_rows(logits, targets, out):
+    """out[s] = logsumexp(logits[s]) - logits[s, targets[s]]; logits [S, V] float32, targets [S].
+    exp in float32 after subtracting the row max (every term <= 1), the sum in float64."""
+    S, V = logits.shape
+    for s in prange(S):
+        m = logits[s, 0]
+        for v in range(V):
+            m = max(m, logits[s, v])
+        acc = 0.0
+        for v in range(V):
+            acc += math.exp(logits[s, v] - m)
+        out[s] = math.log(acc) + m - logits[s, targets[s]]
