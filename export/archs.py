@@ -131,10 +131,11 @@ class Mistral(Arch):
     model_types = ("mistral",)
 
     def local_window(self, c, layer: int) -> int:
-        # HF Mistral attends to the last `sliding_window` keys (inclusive of the query position);
-        # ORT's local_window_size keeps window+1 keys, hence the -1.
+        # transformers (4.57, sdpa and eager alike) lets query i see keys i-sliding_window .. i,
+        # and ORT's GroupQueryAttention keeps local_window_size + 1 keys, so the numbers are equal.
+        # Checked against transformers with a window shorter than the sequence (tests/test_archs.py).
         sw = getattr(c, "sliding_window", None)
-        return -1 if sw is None else int(sw) - 1
+        return -1 if sw is None else int(sw)
 
 
 @register
@@ -143,6 +144,7 @@ class Qwen2(Arch):
     model_types = ("qwen2",)
 
     def local_window(self, c, layer: int) -> int:
+        # same window convention as Mistral; only layers from max_window_layers on use it
         if getattr(c, "use_sliding_window", False) and c.sliding_window and layer >= c.max_window_layers:
-            return int(c.sliding_window) - 1
+            return int(c.sliding_window)
         return -1

@@ -106,3 +106,23 @@ def smollm2_hf():
     src = source.resolve(None)
     cfg = source.load_config(src)
     return source.load_tokenizer(src), source.load_model(src, cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """make(config_class_name, model_class_name, seed, init=None, **overrides) -> HF directory of a
+    tiny random model of that architecture (same sizes as TINY) with the WordLevel tokenizer.
+    init(model), if given, runs before saving (e.g. to make zero-initialised biases random)."""
+    def make(config_cls: str, model_cls: str, seed: int = 0, init=None, **over) -> Path:
+        import torch
+        import transformers
+        torch.manual_seed(seed)
+        cfg = getattr(transformers, config_cls)(**(TINY | over))
+        path = tmp_path_factory.mktemp(config_cls.lower()) / "model"
+        model = getattr(transformers, model_cls)(cfg).eval()
+        if init is not None:
+            init(model)
+        model.save_pretrained(path)
+        _save_tokenizer(path, cfg.vocab_size)
+        return path
+    return make
