@@ -94,7 +94,7 @@ class _h5_dump:
         try:
             import h5py
         except ImportError:
-            raise EdgesparseError("--dump needs h5py: pip install h5py") from None
+            raise EdgesparseError("--dump needs h5py: pip install 'edgesparse[dump]'") from None
         cfg = model.cfg
         self.f = h5py.File(path, "w")
         self.d = self.f.create_dataset("h", (cfg.n_layers, tokens, cfg.ffn_dim), dtype="f2",
