@@ -64,7 +64,10 @@ class Model:
                                   f"norm; the package has gated={cfg.gated}, ffn_bias={cfg.ffn_bias}, norm={cfg.norm!r}")
         self.threads = check_threads(threads)
         numba.set_num_threads(self.threads)
-        self._blas_limit = _limit_blas(self.threads)
+        # BLAS (long prefill only) runs on one thread: OpenBLAS workers spin after each call and
+        # steal the second core from ORT's attention that runs next; measured on SmolLM2 at 2
+        # threads, a 1024-token prefill takes 1.9-2.1 s with 1 BLAS thread and 2.5 s with 2.
+        self._blas_limit = _limit_blas(1)
         self.ctx = min(DEFAULT_CTX if ctx is None else ctx, cfg.max_position)
         if self.ctx < 1:
             raise EdgesparseError(f"--ctx: expected a positive integer, got {ctx}")
@@ -79,7 +82,8 @@ class Model:
         D, N, C = cfg.d_model, cfg.ffn_dim, self.threads
         # Buffers, allocated once.
         self._partial = np.zeros((C, D), np.float32)
-        self._partial_s = np.zeros((C, min(SMALL_BATCH, self.max_batch), D), np.float32)
+        self._small = min(SMALL_BATCH, self.max_batch)     # steps up to this size use the Numba kernel
+        self._partial_s = np.zeros((C, self._small, D), np.float32)
         self._rows = np.zeros((C, 3, D), np.float32)
         # matvec's float16 scratch must be C-contiguous: Numba's ravel() copies a non-contiguous
         # array, so widening into a strided view of _rows would fill a temporary, not the scratch.
@@ -235,7 +239,7 @@ class Model:
             a.run(l)
             w = self.ffn[l]
             fi, t, mode = self._ffn_input(l, f)
-            if S <= SMALL_BATCH and self.observer is None:
+            if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
                 k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._rows, self._kept, mode)
                 self._count(l, k, S)
