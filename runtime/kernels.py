@@ -4,7 +4,8 @@ Conventions: x is the FFN input of one token [D]; the FFN weights are neuron-maj
 w [N, 3, D] (row 0 = gate, row 1 = up, row 2 = the neuron's column of down), so one neuron's
 three vectors are contiguous (3·D·4 bytes = 6.9 KB for SmolLM2) and a skipped neuron costs no
 read at all. float16 weights arrive as their uint16 bit patterns (Numba has no CPU float16)
-and are widened to float32 per neuron, accumulation is always float32.
+and are widened to float32 as they are loaded (_h2f: LLVM half -> float, vcvtph2ps / fcvt);
+accumulation is always float32.
 
 fastmath: lets LLVM reorder the dot-product sums into SIMD lanes; the order differs from
 NumPy's, which is why tests compare with a tolerance rather than bitwise.
@@ -15,8 +16,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # activation codes (ModelConfig.activation)
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
@@ -38,33 +40,39 @@ def _act(code, g):
     return max(g, np.float32(0.0))
 
 
-@njit(inline="always")
-def _widen_f16(src, dst):
-    """float16 bit patterns (uint16, any shape) -> float32 of the same shape. Branch-free so it vectorises:
-    shift exponent+mantissa into float32 position and rescale by 2^112 (this also maps fp16
-    subnormals onto float32 normals exactly); inf/NaN do not occur in weights."""
-    s = src.ravel()
-    d = dst.ravel()
-    bits = d.view(np.uint32)
-    for k in range(s.shape[0]):
-        h = np.uint32(s[k])
-        bits[k] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-    for k in range(s.shape[0]):
-        d[k] *= np.float32(5.192296858534828e33)  # 2**112
+@intrinsic
+def _h2f(typingctx, v):
+    """float16 bit pattern (uint16) -> float32 through LLVM's `half` type: one vcvtph2ps (F16C,
+    AVX-512) or fcvt (AArch64) per vector, exact for every value. Numba has no float16 type, so
+    the package's float16 weights reach the kernels as uint16 and are widened here, on load."""
+    if not (isinstance(v, types.Integer) and v.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(v), codegen
 
 
-def _rows(w, i, scratch):
-    """w[i] as float32: a view for float32 weights, widened into scratch for float16 bits."""
+def _ld(a, r, k):
+    """a[r, k] as float32, for float32 weights or float16 bits."""
 
 
-@overload(_rows, inline="always")
-def _rows_impl(w, i, scratch):
-    if isinstance(w.dtype, types.Integer):
-        def widen(w, i, scratch):
-            _widen_f16(w[i], scratch)
-            return scratch
-        return widen
-    return lambda w, i, scratch: w[i]
+@overload(_ld, inline="always")
+def _ld_impl(a, r, k):
+    if isinstance(a.dtype, types.Integer):
+        return lambda a, r, k: _h2f(a[r, k])
+    return lambda a, r, k: a[r, k]
+
+
+def _ld1(a, k):
+    """a[k] as float32, for float32 weights or float16 bits."""
+
+
+@overload(_ld1, inline="always")
+def _ld1_impl(a, k):
+    if isinstance(a.dtype, types.Integer):
+        return lambda a, k: _h2f(a[k])
+    return lambda a, k: a[k]
 
 
 @njit(inline="always", fastmath=True)
@@ -77,17 +85,17 @@ def _neuron_h(wi, x, act, thr, mode):
     u = np.float32(0.0)
     if mode == 1:
         for k in range(x.shape[0]):
-            g += wi[0, k] * x[k]
+            g += _ld(wi, 0, k) * x[k]
         a = _act(act, g)
         if not abs(a) >= thr:
             return np.float32(0.0), False
         for k in range(x.shape[0]):
-            u += wi[1, k] * x[k]
+            u += _ld(wi, 1, k) * x[k]
         return a * u, True
     # One pass for both dot products: two independent accumulator chains over the same x loads.
     for k in range(x.shape[0]):
-        g += wi[0, k] * x[k]
-        u += wi[1, k] * x[k]
+        g += _ld(wi, 0, k) * x[k]
+        u += _ld(wi, 1, k) * x[k]
     h = _act(act, g) * u
     return h, abs(h) >= thr
 
@@ -104,7 +112,7 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept, mode=0):
     out:     [D] float32; out = base + sum_{|h_i|>=t} h_i * w[i, 2]
     h_out:   [N] float32, every neuron's h = act(gate.x) * (up.x) before thresholding
     partial: [C, D] float32 per-chunk accumulators (C = thread chunks), scratch
-    rows:    [C, 3, D] float32 scratch for widened float16 rows (unused for float32)
+    rows:    [C, 3, D] float32, unused: float16 is widened on load now (kept in the signature)
     kept:    [C] int64 scratch; returns the number of neurons kept
     """
     N = w.shape[0]
@@ -118,13 +126,13 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept, mode=0):
             acc[k] = 0.0
         n = 0
         for i in range(lo, hi):
-            wi = _rows(w, i, rows[c])  # [3, D]
+            wi = w[i]  # [3, D]
             h, keep = _neuron_h(wi, x, act, thr, mode)
             h_out[i] = h
             if keep:
                 n += 1
                 for k in range(D):
-                    acc[k] += h * wi[2, k]
+                    acc[k] += h * _ld(wi, 2, k)
         kept[c] = n
     for k in prange(D):
         s = base[k]
@@ -157,14 +165,14 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, rows, kept, mode=0)
                 acc[s, k] = 0.0
         n = 0
         for i in range(lo, hi):
-            wi = _rows(w, i, rows[c])  # [3, D]
+            wi = w[i]  # [3, D]
             for s in range(S):
                 h, keep = _neuron_h(wi, X[s], act, thr, mode)
                 h_out[s, i] = h
                 if keep:
                     n += 1
                     for k in range(D):
-                        acc[s, k] += h * wi[2, k]
+                        acc[s, k] += h * _ld(wi, 2, k)
         kept[c] = n
     for s in prange(S):
         for k in range(D):
@@ -181,7 +189,7 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, rows, kept, mode=0)
 @njit(parallel=True, fastmath=True, cache=True)
 def matvec(w, x, y, rows):
     """y = w @ x for w [V, D] float32 (or uint16 float16 bits); y [V]. The lm_head.
-    rows: [C, D] float32 scratch for widened float16 rows."""
+    rows: [C, D] float32, unused: float16 is widened on load now (kept in the signature)."""
     V = w.shape[0]
     D = w.shape[1]
     C = rows.shape[0]
@@ -190,9 +198,9 @@ def matvec(w, x, y, rows):
         hi = (c + 1) * V // C
         for i in range(lo, hi):
             s = np.float32(0.0)
-            wi = _rows(w, i, rows[c])  # [D]
+            wi = w[i]  # [D]
             for k in range(D):
-                s += wi[k] * x[k]
+                s += _ld1(wi, k) * x[k]
             y[i] = s
 
 
@@ -217,9 +225,9 @@ def gather_rows(table, ids, scale, out):
     S = ids.shape[0]
     D = out.shape[1]
     for s in range(S):
-        row = _rows(table, ids[s], out[s])  # [D]
+        row = table[ids[s]]  # [D]
         for k in range(D):
-            out[s, k] = row[k] * scale
+            out[s, k] = _ld1(row, k) * scale
 
 
 @njit(parallel=True, fastmath=True, cache=True)
