@@ -101,7 +101,7 @@ def _neuron_h(wi, x, act, thr, mode):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept, mode=0):
+def ffn_glu(w, x, base, thr, act, out, h_out, partial, kept, mode=0):
     """Thresholded gated FFN for one token: out = base + FFN_t(x).
 
     w:       [N, 3, D] float32 (or uint16 float16 bits) neuron-major weights (mmap'd, read-only)
@@ -112,7 +112,6 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept, mode=0):
     out:     [D] float32; out = base + sum_{|h_i|>=t} h_i * w[i, 2]
     h_out:   [N] float32, every neuron's h = act(gate.x) * (up.x) before thresholding
     partial: [C, D] float32 per-chunk accumulators (C = thread chunks), scratch
-    rows:    [C, 3, D] float32, unused: float16 is widened on load now (kept in the signature)
     kept:    [C] int64 scratch; returns the number of neurons kept
     """
     N = w.shape[0]
@@ -146,12 +145,12 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, rows, kept, mode=0):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, rows, kept, mode=0):
+def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, kept, mode=0):
     """ffn_glu for S tokens at once (prompt prefill): each neuron's rows are read once and
     applied to every token, so a short prompt costs about one token's weight traffic.
 
     w [N, 3, D]; X, base, out [S, D] (out may alias base); h_out [S, N];
-    partial [C, >=S, D], rows [C, 3, D], kept [C] scratch. Returns neurons kept, summed over tokens.
+    partial [C, >=S, D], kept [C] scratch. Returns neurons kept, summed over tokens.
     """
     N = w.shape[0]
     S, D = X.shape
@@ -187,12 +186,12 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, rows, kept, mode=0)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matvec(w, x, y, rows):
+def matvec(w, x, y, chunks):
     """y = w @ x for w [V, D] float32 (or uint16 float16 bits); y [V]. The lm_head.
-    rows: [C, D] float32, unused: float16 is widened on load now (kept in the signature)."""
+    chunks: how many contiguous row ranges to split V into (one per thread)."""
     V = w.shape[0]
     D = w.shape[1]
-    C = rows.shape[0]
+    C = chunks
     for c in prange(C):
         lo = c * V // C
         hi = (c + 1) * V // C

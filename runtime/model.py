@@ -84,10 +84,6 @@ class Model:
         self._partial = np.zeros((C, D), np.float32)
         self._small = min(SMALL_BATCH, self.max_batch)     # steps up to this size use the Numba kernel
         self._partial_s = np.zeros((C, self._small, D), np.float32)
-        self._rows = np.zeros((C, 3, D), np.float32)
-        # matvec's float16 scratch must be C-contiguous: Numba's ravel() copies a non-contiguous
-        # array, so widening into a strided view of _rows would fill a temporary, not the scratch.
-        self._head_rows = np.zeros((C, D), np.float32)
         self._kept = np.zeros(C, np.int64)
         self.h = np.zeros((cfg.n_layers, N), np.float32)       # last decode step's neuron outputs per layer
         self._xn = np.zeros((1, D), np.float32)
@@ -162,7 +158,7 @@ class Model:
                 outs.append(self._head_all(x))
             else:
                 K.rms_norm(x[-1:], self.final_norm, self.cfg.norm_eps, self._xn)
-                K.matvec(self.head, self._xn[0], self.logits, self._head_rows)
+                K.matvec(self.head, self._xn[0], self.logits, self.threads)
         if all_logits:
             return np.concatenate(outs) if len(outs) > 1 else outs[0]
         return self.logits
@@ -218,12 +214,12 @@ class Model:
             a.run(l)
             fi, t, mode = self._ffn_input(l, f)
             k = K.ffn_glu(self.ffn[l], fi[0], r[0], t, self.act, x[0], self.h[l],
-                          self._partial, self._rows, self._kept, mode)
+                          self._partial, self._kept, mode)
             self._count(l, k, 1)
             kept += k
         self.stats.ffn_kept.append(kept)
         K.rms_norm(x, self.final_norm, cfg.norm_eps, self._xn)
-        K.matvec(self.head, self._xn[0], self.logits, self._head_rows)
+        K.matvec(self.head, self._xn[0], self.logits, self.threads)
         self.pos += 1
 
     def _prefill(self, tokens: np.ndarray) -> np.ndarray:
@@ -241,7 +237,7 @@ class Model:
             fi, t, mode = self._ffn_input(l, f)
             if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
-                k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._rows, self._kept, mode)
+                k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._kept, mode)
                 self._count(l, k, S)
                 continue
             if w.dtype == np.uint16:     # float16 storage: widen this layer once for BLAS

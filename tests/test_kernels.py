@@ -91,9 +91,8 @@ def run_ffn(w, x, base, thr, act, C, out=None):
     out = np.full(D, np.nan, np.float32) if out is None else out
     h_out = np.full(N, np.nan, np.float32)
     partial = np.full((C, D), np.nan, np.float32)   # garbage in the scratch must not matter
-    rows = np.full((C, 3, D), np.nan, np.float32)
     kept = np.full(C, -7, np.int64)
-    total = K.ffn_glu(w, x, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, rows, kept)
+    total = K.ffn_glu(w, x, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
     return out, h_out, int(total)
 
 
@@ -215,9 +214,8 @@ def run_ffn_batch(w, X, base, thr, act, C, out=None):
     out = np.full((S, D), np.nan, np.float32) if out is None else out
     h_out = np.full((S, N), np.nan, np.float32)
     partial = np.full((C, S + 2, D), np.nan, np.float32)   # the kernel allows partial [C, >=S, D]
-    rows = np.full((C, 3, D), np.nan, np.float32)
     kept = np.full(C, -7, np.int64)
-    total = K.ffn_glu_batch(w, X, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, rows, kept)
+    total = K.ffn_glu_batch(w, X, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
     return out, h_out, int(total)
 
 
@@ -356,8 +354,7 @@ def test_matvec(V, D, C, dtype):
         arg, exact = w, w.astype(np.float64)
     x = rng.standard_normal(D).astype(np.float32)
     y = np.full(V, np.nan, np.float32)
-    rows = np.full((C, D), np.nan, np.float32)
-    K.matvec(arg, x, y, rows)
+    K.matvec(arg, x, y, C)
     ref = exact @ x.astype(np.float64)
     tol = 2 * D * EPS32 * (np.abs(exact) @ np.abs(x.astype(np.float64))) + 1e-30  # length-D float32 dot
     assert_within("matvec", y, ref, tol)

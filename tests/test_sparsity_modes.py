@@ -136,7 +136,7 @@ def ffn_glu(w, x, base, t, act, C, mode):
     out = np.full(D, np.nan, np.float32)
     h = np.full(N, np.nan, np.float32)
     total = K.ffn_glu(w, x, base, np.float32(t), K.ACT_CODES[act], out, h, np.full((C, D), np.nan, np.float32),
-                      np.full((C, 3, D), np.nan, np.float32), np.full(C, -7, np.int64), mode)
+                      np.full(C, -7, np.int64), mode)
     return out, h, int(total)
 
 
@@ -146,8 +146,7 @@ def ffn_glu_batch(w, X, base, t, act, C, mode):
     out = np.full((S, D), np.nan, np.float32)
     h = np.full((S, N), np.nan, np.float32)
     total = K.ffn_glu_batch(w, X, base, np.float32(t), K.ACT_CODES[act], out, h,
-                            np.full((C, S + 1, D), np.nan, np.float32), np.full((C, 3, D), np.nan, np.float32),
-                            np.full(C, -7, np.int64), mode)
+                            np.full((C, S + 1, D), np.nan, np.float32), np.full(C, -7, np.int64), mode)
     return out, h, int(total)
 
 
