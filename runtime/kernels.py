@@ -100,7 +100,7 @@ def _neuron_h(wi, x, act, thr, mode):
     return h, abs(h) >= thr
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def ffn_glu(w, x, base, thr, act, out, h_out, partial, kept, mode=0):
     """Thresholded gated FFN for one token: out = base + FFN_t(x).
 
@@ -114,34 +114,10 @@ def ffn_glu(w, x, base, thr, act, out, h_out, partial, kept, mode=0):
     partial: [C, D] float32 per-chunk accumulators (C = thread chunks), scratch
     kept:    [C] int64 scratch; returns the number of neurons kept
     """
-    N = w.shape[0]
-    D = w.shape[2]
-    C = partial.shape[0]
-    for c in prange(C):
-        lo = c * N // C
-        hi = (c + 1) * N // C
-        acc = partial[c]
-        for k in range(D):
-            acc[k] = 0.0
-        n = 0
-        for i in range(lo, hi):
-            wi = w[i]  # [3, D]
-            h, keep = _neuron_h(wi, x, act, thr, mode)
-            h_out[i] = h
-            if keep:
-                n += 1
-                for k in range(D):
-                    acc[k] += h * _ld(wi, 2, k)
-        kept[c] = n
-    for k in prange(D):
-        s = base[k]
-        for c in range(C):
-            s += partial[c, k]
-        out[k] = s
-    total = 0
-    for c in range(C):
-        total += kept[c]
-    return total
+    # One token is the S = 1 case of ffn_glu_batch: one code path for decode and short prefill.
+    D = x.shape[0]
+    return ffn_glu_batch(w, x.reshape((1, D)), base.reshape((1, D)), thr, act, out.reshape((1, D)),
+                         h_out.reshape((1, h_out.shape[0])), partial.reshape((partial.shape[0], 1, D)), kept, mode)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
