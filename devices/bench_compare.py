@@ -93,9 +93,13 @@ WORKERS = {"edgesparse": worker_edgesparse, "ort": worker_ort, "transformers": w
 def prepare(work: Path) -> None:
     """Export the default model three ways (once; reused across runs)."""
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "smollm2.esp").exists():
+    from edgesparse.errors import PackageError
+    from edgesparse.format import read_manifest
+    try:
+        read_manifest(work / "smollm2.esp")
+    except PackageError:     # missing, or written by an older format version: (re-)export
         from edgesparse.export import export
-        export(None, work / "smollm2.esp")
+        export(None, work / "smollm2.esp", force=True)
     if not (work / "hf").exists():
         from edgesparse.export import source
         src = source.resolve(None)

@@ -1,12 +1,18 @@
-"""The edgesparse package format, version 1: a directory with a manifest.
+"""The edgesparse package format, version 2: a directory with a manifest.
 
     PKG/
       manifest.json          format name + version, source, config, files, tensors, layers, sparsity
       tokenizer.json         Hugging Face `tokenizers` file (+ chat template in the manifest)
-      attn/NNN.onnx          layer NNN without its FFN: norm -> attention (+KV cache) -> residual -> norm
+      attn/NNN.onnx          layer NNN's attention core for ONNX Runtime: rotary + KV cache + softmax(QK)V
+                             on the packed q|k|v projection
+      attn/NNN.bin           layer NNN's norms and q|k|v and o projections, raw, [out, in] row-major
       ffn/NNN.bin            layer NNN's FFN, neuron-major [n_neurons, 3, d_model] (gate row, up row,
                              down column of each neuron contiguous), little-endian, offset 0
       embed.bin, head.bin, norm.bin, rope.bin   raw little-endian tensors
+
+Version 1 put the norms and projections inside the ONNX graph; version 2 moved them out to Numba
+(a matvec reads them at twice the bandwidth of ONNX Runtime's MatMul for one token, see
+docs/FORMAT.md). Version 1 packages are refused with a message to re-export.
 
 Every file is listed with its size and sha256; every raw tensor with file, dtype, shape and a
 page-aligned byte offset. Reading checks the cheap things (version, types, sizes, bounds) on
@@ -27,7 +33,7 @@ from .config import ModelConfig
 from .errors import PackageError
 
 FORMAT_NAME = "edgesparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PAGE = 4096  # raw tensor offsets are multiples of this so each tensor can be mmap'd page-aligned
 
@@ -58,11 +64,26 @@ class TensorEntry:
         return math.prod(self.shape) * int(DTYPES[self.dtype][-1])
 
 
+# A layer's tensors by role (HF naming, mapped once at export): role -> required?
+LAYER_TENSORS = {"attn_norm": True, "qkv": True, "qkv_bias": False, "o": True, "o_bias": False,
+                 "ffn_norm": True, "ffn": True}
+
+
 @dataclass(frozen=True)
 class LayerEntry:
-    attention: str   # file path of the layer's ONNX graph
-    ffn: str         # tensor name of the layer's neuron-major FFN weights
+    attention: str   # file path of the layer's ONNX graph (GroupQueryAttention)
+    ffn: str         # tensor name of the layer's neuron-major FFN weights [N, 3, D]
     threshold: float  # |h| < threshold is zeroed; 0.0 = dense
+    attn_norm: str = ""   # [D] input norm weight
+    qkv: str = ""         # [(H + 2 Hkv) hd, D] packed q|k|v projection, [out, in]
+    o: str = ""           # [D, H hd] output projection, [out, in]
+    ffn_norm: str = ""    # [D] post-attention norm weight
+    qkv_bias: str | None = None   # [(H + 2 Hkv) hd] (Qwen2)
+    o_bias: str | None = None     # [D]
+
+    def tensor_names(self) -> dict[str, str]:
+        """role -> tensor name, for the roles this layer has."""
+        return {r: getattr(self, r) for r in LAYER_TENSORS if getattr(self, r) is not None}
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,9 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
         raise PackageError(f"{where}: format is {fmt!r}, expected {FORMAT_NAME!r}")
     ver = _need(doc, "format_version", int, where)
     if ver != FORMAT_VERSION:
-        raise PackageError(f"{where}: unknown format version {ver}; this edgesparse reads version {FORMAT_VERSION}")
+        hint = "; re-export the model with this edgesparse" if 0 < ver < FORMAT_VERSION else ""
+        raise PackageError(f"{where}: unknown format version {ver}; this edgesparse reads version "
+                           f"{FORMAT_VERSION}{hint}")
     config = ModelConfig.from_json(_need(doc, "config", dict, where))
 
     files: dict[str, FileEntry] = {}
@@ -167,15 +190,20 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
         attn = _need(l, "attention", str, w)
         if attn not in files or files[attn].kind != "onnx":
             raise PackageError(f"{w}: attention {attn!r} is not an onnx file listed in 'files'")
-        ffn = _need(l, "ffn", str, w)
-        if ffn not in tensors:
-            raise PackageError(f"{w}: ffn tensor {ffn!r} is not in 'tensors'")
+        names = {}
+        for role, required in LAYER_TENSORS.items():
+            if not required and l.get(role) is None:
+                continue
+            name = _need(l, role, str, w)
+            if name not in tensors:
+                raise PackageError(f"{w}: {role} tensor {name!r} is not in 'tensors'")
+            names[role] = name
         th = _need(l, "threshold", (int, float), w)
         if isinstance(th, int) and abs(th) > 2**1023:   # JSON integers are unbounded; float() would overflow
             raise PackageError(f"{w}: threshold is an integer too large for a float")
         if not (math.isfinite(th) or th == math.inf) or th < 0:
             raise PackageError(f"{w}: threshold must be >= 0 (inf allowed), got {th!r}")
-        layers.append(LayerEntry(attn, ffn, float(th)))
+        layers.append(LayerEntry(attention=attn, threshold=float(th), **names))
 
     sparsity = _need(doc, "sparsity", dict, where)
     method = _need(sparsity, "method", str, f"{where}: sparsity")
@@ -192,18 +220,26 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
                     layers=tuple(layers), sparsity=sparsity, chat_template=tmpl)
 
 
-def expected_shapes(c: ModelConfig, layers) -> dict[str, tuple[int, ...]]:
+def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, tuple[int, ...]]:
     """The shape every tensor must have for this config: the kernels index by these numbers."""
     shapes = {"embed": (c.vocab_size, c.d_model), "final_norm.weight": (c.d_model,)}
     if not c.tie_embeddings:
         shapes["lm_head"] = (c.vocab_size, c.d_model)
+    D, q = c.d_model, c.n_heads * c.head_dim
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    per_role = {"attn_norm": (D,), "qkv": (qkv, D), "qkv_bias": (qkv,), "o": (D, q), "o_bias": (D,),
+                "ffn_norm": (D,), "ffn": (c.ffn_dim, 3, D)}
     for l in layers:
-        shapes[l.ffn] = (c.ffn_dim, 3, c.d_model)
+        for role, name in l.tensor_names().items():
+            if name in shapes and shapes[name] != per_role[role]:
+                raise PackageError(f"{where}: tensor {name!r} is used as {list(shapes[name])} and as "
+                                   f"{list(per_role[role])}")
+            shapes[name] = per_role[role]
     return shapes
 
 
 def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
-    for name, shape in expected_shapes(c, layers).items():
+    for name, shape in expected_shapes(c, layers, where).items():
         if name not in tensors:
             raise PackageError(f"{where}: tensor {name!r} is missing")
         if tensors[name].shape != shape:
@@ -211,6 +247,15 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
                                f"the config needs {list(shape)}")
         if tensors[name].dtype not in ("float32", "float16"):
             raise PackageError(f"{where}: tensor {name!r} must be float32 or float16")
+    # Norm weights and biases are tiny and read as float32 by the kernels.
+    if tensors["final_norm.weight"].dtype != "float32":
+        raise PackageError(f"{where}: tensor 'final_norm.weight' must be float32, "
+                           f"got {tensors['final_norm.weight'].dtype}")
+    for l in layers:
+        for role in ("attn_norm", "ffn_norm", "qkv_bias", "o_bias"):
+            name = getattr(l, role)
+            if name is not None and tensors[name].dtype != "float32":
+                raise PackageError(f"{where}: tensor {name!r} ({role}) must be float32, got {tensors[name].dtype}")
     for name in ("rope.cos", "rope.sin"):
         t = tensors.get(name)
         if t is None:
@@ -290,7 +335,7 @@ def manifest_to_json(m: Manifest) -> dict:
         "files": [{"path": f.path, "kind": f.kind, "size": f.size, "sha256": f.sha256} for f in m.files.values()],
         "tensors": {t.name: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset}
                     for t in m.tensors.values()},
-        "layers": [{"attention": l.attention, "ffn": l.ffn, "threshold": l.threshold} for l in m.layers],
+        "layers": [{"attention": l.attention, **l.tensor_names(), "threshold": l.threshold} for l in m.layers],
         "sparsity": m.sparsity,
         "chat_template": m.chat_template,
     }

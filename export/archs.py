@@ -95,14 +95,14 @@ class Arch:
     def extract_attention(self, layer_module) -> AttentionWeights:
         g = lambda p: _get(layer_module, p)  # noqa: E731
         q, k, v, o = g(self.q), g(self.k), g(self.v), g(self.o)
-        # nn.Linear stores [out, in]; the graph multiplies x @ W, so [in, out].
-        w_qkv = np.concatenate([_np(q.weight), _np(k.weight), _np(v.weight)], axis=0).T
+        # nn.Linear's [out, in] layout is kept: one output per contiguous row.
+        w_qkv = np.concatenate([_np(q.weight), _np(k.weight), _np(v.weight)], axis=0)
         b_qkv = None
         if q.bias is not None:
             b_qkv = np.concatenate([_np(q.bias), _np(k.bias), _np(v.bias)])
         return AttentionWeights(
             in_norm=_np(g(self.in_norm).weight), post_norm=_np(g(self.post_norm).weight),
-            w_qkv=w_qkv, w_o=_np(o.weight).T, b_qkv=b_qkv,
+            w_qkv=w_qkv, w_o=_np(o.weight), b_qkv=b_qkv,
             b_o=_np(o.bias) if o.bias is not None else None)
 
     def extract_ffn(self, layer_module) -> np.ndarray:

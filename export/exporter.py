@@ -68,17 +68,31 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
     tok = source.load_tokenizer(src)
     hf = source.load_model(src, cfg)
     mc = model_config(arch, cfg, tok)
-    wdt = np.float16 if dtype == "float16" else np.float32
 
     with PackageWriter(out, force) as w:
         layers = []
         mods = arch.layer_modules(hf)
         for l, mod in enumerate(tqdm(mods, desc="export layers", unit="layer", disable=not progress,
                                      file=sys.stderr)):
-            graph = build_attention_graph(arch.attention_spec(cfg, l), arch.extract_attention(mod), l, wdt)
+            aw = arch.extract_attention(mod)
+            if aw.in_norm_bias is not None or aw.post_norm_bias is not None:
+                raise EdgesparseError(f"{arch.name}: LayerNorm with bias is not supported by this exporter yet")
+            graph = build_attention_graph(arch.attention_spec(cfg, l), l)
             w.blob(f"attn/{l:03d}.onnx", graph.SerializeToString(), "onnx")
-            w.raw(f"ffn/{l:03d}.bin", [(f"layers.{l}.ffn", arch.extract_ffn(mod), dtype)])
-            layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", ffn=f"layers.{l}.ffn", threshold=0.0))
+            p = f"layers.{l}."
+            # Norms and biases stay float32 (tiny, and the norm scales every activation).
+            tensors = [(p + "attn_norm", aw.in_norm, "float32"), (p + "qkv", aw.w_qkv, dtype),
+                       (p + "o", aw.w_o, dtype), (p + "ffn_norm", aw.post_norm, "float32")]
+            biases = {}
+            for role, b in (("qkv_bias", aw.b_qkv), ("o_bias", aw.b_o)):
+                if b is not None:
+                    tensors.append((p + role, b, "float32"))
+                    biases[role] = p + role
+            w.raw(f"attn/{l:03d}.bin", tensors)
+            w.raw(f"ffn/{l:03d}.bin", [(p + "ffn", arch.extract_ffn(mod), dtype)])
+            layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", ffn=p + "ffn", threshold=0.0,
+                                     attn_norm=p + "attn_norm", qkv=p + "qkv", o=p + "o",
+                                     ffn_norm=p + "ffn_norm", **biases))
         embed = hf.get_input_embeddings().weight.detach().float().numpy()     # [V, D]
         w.raw("embed.bin", [("embed", embed, dtype)])
         if not mc.tie_embeddings:

@@ -1,16 +1,25 @@
-"""The attention half of every layer, run by ONNX Runtime with a KV cache that never moves.
+"""The attention core of every layer, run by ONNX Runtime with a KV cache that never moves.
 
-Each layer's session is bound once (IOBinding) to buffers owned here:
-  hidden   [1, S, D]  input: the residual stream entering the layer
-  residual [1, S, D]  output: hidden + attention
-  ffn_in   [1, S, D]  output: the post-attention norm of residual, the FFN's input
-  k, v     [1, Hkv, T, hd]  bound as both past_* and present_*: GroupQueryAttention sees the
-                      same pointer and writes only the new positions (no per-token cache copy)
-All layers share hidden/residual/ffn_in: layer l's FFN writes its result into `hidden`, which
-is layer l+1's input. Decoding a token is then `run_with_iobinding` per layer, nothing else.
+Each layer's graph is GroupQueryAttention alone (rotary, KV cache, softmax(QK)V; the norms and
+projections around it are Numba, see export/onnx_layer.py). Buffers owned here and bound once
+(IOBinding) to every layer's session:
+  qkv   [1, S, (H+2Hkv)·hd]  input: the packed q|k|v projection of the layer's S new tokens
+  attn  [1, S, H·hd]         output: attention over the cache and the new tokens
+  k, v  [1, Hkv, T, hd] per layer, bound as both past_* and present_*: GroupQueryAttention sees
+        the same pointer and writes only the new positions (no per-token cache copy)
+Decoding a token is then `run_with_iobinding` per layer, nothing else.
+
+Threads: a step of up to `small` tokens runs on the calling thread (intra_op_num_threads = 1).
+For one token the core is a few hundred microseconds of work; a multi-threaded ORT run would
+wake ORT's own pool between two of Numba's parallel regions on the same cores. Longer steps
+(long prompts, eval windows) are compute bound in attention and get all threads.
+Graphs are a few hundred bytes: each is read and checked against its sha256 in the manifest on
+every load, and layers whose graphs are byte-identical share one session.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import onnxruntime as ort
@@ -25,41 +34,54 @@ def session_options(threads: int) -> ort.SessionOptions:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT's pool threads spin after each run by default; between two ORT calls Numba's threads
-    # run the FFN on the same cores, and spinning ORT workers would steal them.
+    # run the projections and the FFN on the same cores, and spinning ORT workers would steal them.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return so
 
 
 class AttentionStack:
-    def __init__(self, pkg, ctx: int, max_batch: int, threads: int):
+    def __init__(self, pkg, ctx: int, max_batch: int, threads: int, small: int):
         cfg = pkg.config
-        self.ctx = ctx
-        D, Hkv, hd = cfg.d_model, cfg.n_kv_heads, cfg.head_dim
+        self.ctx, self.small = ctx, small
+        Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         self.cos = np.ascontiguousarray(pkg.tensor("rope.cos")[:ctx])   # [T, rot/2]
         self.sin = np.ascontiguousarray(pkg.tensor("rope.sin")[:ctx])
         # np.zeros maps fresh zero pages: the cache costs RAM only as positions get written.
         self.k = [np.zeros((1, Hkv, ctx, hd), np.float32) for _ in range(cfg.n_layers)]
         self.v = [np.zeros((1, Hkv, ctx, hd), np.float32) for _ in range(cfg.n_layers)]
-        self.hidden = np.zeros((1, max_batch, D), np.float32)
-        self.residual = np.zeros((1, max_batch, D), np.float32)
-        self.ffn_in = np.zeros((1, max_batch, D), np.float32)
+        self.qkv = np.zeros((1, max_batch, (cfg.n_heads + 2 * Hkv) * hd), np.float32)
+        self.attn = np.zeros((1, max_batch, cfg.n_heads * hd), np.float32)
         self.seqlens_k = np.zeros((1,), np.int32)
         self.total = np.zeros((), np.int32)
-        so = session_options(threads)
-        self.sessions, self.bindings, self.paths = [], [], []
+        # mode 0: steps of <= small tokens, 1 thread; mode 1: longer steps, all threads
+        modes = (1, threads) if threads > 1 else (1,)
+        sessions: dict[tuple[str, int], ort.InferenceSession] = {}
+        self.paths = []
+        self.bindings = [[] for _ in modes]        # [mode][layer] -> (session, io)
         for l, layer in enumerate(pkg.manifest.layers):
-            path = str(pkg.file(layer.attention))
-            self.paths.append(path)
-            try:
-                sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
-            except Exception as e:  # ORT raises its own exception types for bad graphs
-                raise PackageError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
-            self.sessions.append(sess)
-            io = sess.io_binding()
-            self._bind_static(io, l)
-            self.bindings.append(io)
-        self._bound_s = 0
+            path = pkg.file(layer.attention)
+            self.paths.append(str(path))
+            graph = path.read_bytes()
+            sha = hashlib.sha256(graph).hexdigest()
+            if sha != pkg.manifest.files[layer.attention].sha256:
+                raise PackageError(f"{path}: sha256 mismatch: the file is corrupted or was changed after export")
+            for m, th in enumerate(modes):
+                sess = sessions.get((sha, th))
+                if sess is None:
+                    try:
+                        sess = ort.InferenceSession(graph, sess_options=session_options(th),
+                                                    providers=["CPUExecutionProvider"])
+                    except Exception as e:  # ORT raises its own exception types for bad graphs
+                        raise PackageError(f"{path}: ONNX Runtime cannot load it "
+                                           f"({str(e).splitlines()[0][:200]})") from None
+                    sessions[(sha, th)] = sess
+                io = sess.io_binding()
+                self._bind_static(io, l)
+                self.bindings[m].append((sess, io))
+        self.n_sessions = len(sessions)
+        self._mode = 0
+        self._bound = [0] * len(modes)
         self.bind_tokens(1)
 
     @staticmethod
@@ -79,17 +101,18 @@ class AttentionStack:
 
     def bind_tokens(self, s: int) -> None:
         """(Re)bind the per-token buffers for a step of s tokens. Views of the leading s rows of
-        [1, max_batch, D] buffers are contiguous, so no copy is involved."""
-        if s == self._bound_s:
+        [1, max_batch, ·] buffers are contiguous, so no copy is involved."""
+        if s > self.qkv.shape[1]:
+            raise ValueError(f"{s} tokens in one step, buffers hold {self.qkv.shape[1]}")
+        m = 0 if s <= self.small else len(self.bindings) - 1
+        self._mode = m
+        if self._bound[m] == s:
             return
-        if s > self.hidden.shape[1]:
-            raise ValueError(f"{s} tokens in one step, buffers hold {self.hidden.shape[1]}")
-        h, r, f = self.hidden[:, :s], self.residual[:, :s], self.ffn_in[:, :s]
-        for io in self.bindings:
-            self._bind(io, "hidden", h)
-            self._bind(io, "residual", r, output=True)
-            self._bind(io, "ffn_in", f, output=True)
-        self._bound_s = s
+        q, a = self.qkv[:, :s], self.attn[:, :s]
+        for _, io in self.bindings[m]:
+            self._bind(io, "qkv", q)
+            self._bind(io, "attn", a, output=True)
+        self._bound[m] = s
 
     def set_position(self, past: int, s: int) -> None:
         """Next run processes s tokens at positions past .. past+s-1."""
@@ -98,8 +121,9 @@ class AttentionStack:
         self.total[()] = past + s
 
     def run(self, l: int) -> None:
+        sess, io = self.bindings[self._mode][l]
         try:
-            self.sessions[l].run_with_iobinding(self.bindings[l])
+            sess.run_with_iobinding(io)
         except Exception as e:  # e.g. a graph whose shapes do not match the manifest's config
             msg = " ".join(str(e).split())[:300]
             raise PackageError(f"{self.paths[l]}: ONNX Runtime cannot run it with this package's config "

@@ -67,14 +67,12 @@ def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int) 
 
 
 def bytes_per_token(m) -> float:
-    """Weight bytes a decode step reads: the attention projections (float32 in ONNX Runtime's memory
-    whatever the storage: it folds float16 initializers' Casts at load), FFN gate and up rows of
-    every neuron plus the down columns of kept neurons (what the kernel touches), one embedding
-    row, and the whole lm_head."""
+    """Weight bytes a decode step reads: the attention projections, FFN gate and up rows of every
+    neuron plus the down columns of kept neurons (what the kernel touches), one embedding row, and
+    the whole lm_head."""
     cfg = m.cfg
     f = m.ffn[0].dtype.itemsize
-    qkv = cfg.q_dim + 2 * cfg.kv_dim
-    attn = cfg.n_layers * (cfg.d_model * qkv + cfg.q_dim * cfg.d_model) * 4
+    attn = sum(lw.qkv.nbytes + lw.o.nbytes for lw in m.layers)
     kept = np.mean(m.stats.ffn_kept) if m.stats.ffn_kept else 0.0
     ffn = (2 * cfg.ffn_dim * cfg.n_layers + kept) * cfg.d_model * f
     head = cfg.vocab_size * cfg.d_model * m.head.dtype.itemsize + cfg.d_model * m.embed.dtype.itemsize

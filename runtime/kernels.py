@@ -161,22 +161,71 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, kept, mode=0):
     return total
 
 
+@njit(inline="always")
+def _emit(Y, bias, base, s, i, v):
+    if bias.shape[0] > 0:
+        v += bias[i]
+    if base.shape[0] > 0:
+        v += base[s, i]
+    Y[s, i] = v
+
+
 @njit(parallel=True, fastmath=True, cache=True)
+def linear(w, X, bias, base, Y, chunks):
+    """Y[s] = w @ X[s] (+ bias) (+ base[s]) for a few tokens: the attention projections and the
+    lm_head, memory bound, so every weight row is read once and applied to all S tokens.
+
+    w:     [O, D] float32 (or uint16 float16 bits), nn.Linear's [out, in] layout (mmap'd)
+    X:     [S, D] float32
+    bias:  [O] float32, or shape [0] for none
+    base:  [S, O] float32 added to the result (the residual stream), or shape [0, O] for none;
+           may be the same array as Y
+    Y:     [S, O] float32
+    chunks: contiguous row ranges, one per thread
+    """
+    O, D = w.shape
+    S = X.shape[0]
+    nb = (O + 3) // 4
+    for c in prange(chunks):
+        # Blocks of 4 rows: four independent accumulator chains share each load of X[s, k]
+        # (one chain per row is latency bound on one core: 10.0 vs 8.8 ms for SmolLM2's
+        # projections on 1 thread).
+        b0 = c * nb // chunks
+        b1 = (c + 1) * nb // chunks
+        for b in range(b0, b1):
+            i = 4 * b
+            if i + 4 <= O:
+                for s in range(S):
+                    a0 = np.float32(0.0)
+                    a1 = np.float32(0.0)
+                    a2 = np.float32(0.0)
+                    a3 = np.float32(0.0)
+                    for k in range(D):
+                        xk = X[s, k]
+                        a0 += _ld(w, i, k) * xk
+                        a1 += _ld(w, i + 1, k) * xk
+                        a2 += _ld(w, i + 2, k) * xk
+                        a3 += _ld(w, i + 3, k) * xk
+                    _emit(Y, bias, base, s, i, a0)
+                    _emit(Y, bias, base, s, i + 1, a1)
+                    _emit(Y, bias, base, s, i + 2, a2)
+                    _emit(Y, bias, base, s, i + 3, a3)
+            else:
+                for j in range(i, O):
+                    for s in range(S):
+                        a = np.float32(0.0)
+                        for k in range(D):
+                            a += _ld(w, j, k) * X[s, k]
+                        _emit(Y, bias, base, s, j, a)
+
+
+@njit(fastmath=True, cache=True)
 def matvec(w, x, y, chunks):
-    """y = w @ x for w [V, D] float32 (or uint16 float16 bits); y [V]. The lm_head.
-    chunks: how many contiguous row ranges to split V into (one per thread)."""
-    V = w.shape[0]
-    D = w.shape[1]
-    C = chunks
-    for c in prange(C):
-        lo = c * V // C
-        hi = (c + 1) * V // C
-        for i in range(lo, hi):
-            s = np.float32(0.0)
-            wi = w[i]  # [D]
-            for k in range(D):
-                s += _ld1(wi, k) * x[k]
-            y[i] = s
+    """y = w @ x for w [V, D] float32 (or uint16 float16 bits); y [V]. The lm_head."""
+    D = x.shape[0]
+    V = y.shape[0]
+    linear(w, x.reshape((1, D)), np.empty(0, np.float32), np.empty((0, V), np.float32),
+           y.reshape((1, V)), chunks)
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")   # NaN weights give NaN, not ZeroDivisionError

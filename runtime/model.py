@@ -1,9 +1,11 @@
-"""The forward pass: embeddings -> per layer (ORT attention, Numba FFN) -> norm -> lm_head.
+"""The forward pass: embeddings -> per layer (attention, FFN) -> norm -> lm_head.
 
     x = embed[token] * embed_scale                          # [S, D]
     for each layer l:
-        r, f = attention_l(x)      (ONNX Runtime)           # r = x + attn(norm(x)), f = norm2(r)
-        x = r + FFN_t(f)           (Numba, decode; BLAS, prefill)
+        qkv = W_qkv norm1(x) (+ b)       (Numba)             # [S, (H+2Hkv)·hd]
+        a   = GQA(qkv, KV cache)         (ONNX Runtime)      # [S, H·hd], rotary inside
+        r   = x + W_o a (+ b)            (Numba)             # [S, D]
+        x   = r + FFN_t(norm2(r))        (Numba; BLAS for long prefill)
     logits = lm_head(norm(x))                                # [V]
 
 FFN_t is the thresholded FFN: h = act(gate.f) * (up.f); neurons with |h| < t_l are zeroed and
@@ -47,6 +49,25 @@ def check_threads(threads: int | None) -> int:
     return threads
 
 
+@dataclass(frozen=True)
+class LayerWeights:
+    """One layer's tensors as the kernels take them (mmap'd views; float16 as uint16 bits)."""
+    attn_norm: np.ndarray   # [D] float32
+    qkv: np.ndarray         # [(H+2Hkv)·hd, D]
+    qkv_bias: np.ndarray    # [(H+2Hkv)·hd] float32, or [0] for none
+    o: np.ndarray           # [D, H·hd]
+    o_bias: np.ndarray      # [D] float32, or [0]
+    ffn_norm: np.ndarray    # [D] float32
+    ffn: np.ndarray         # [N, 3, D] neuron-major
+
+    @classmethod
+    def load(cls, pkg: Package, entry) -> "LayerWeights":
+        none = np.zeros(0, np.float32)
+        t = lambda name: none if name is None else _as_kernel_array(pkg.tensor(name))  # noqa: E731
+        return cls(attn_norm=t(entry.attn_norm), qkv=t(entry.qkv), qkv_bias=t(entry.qkv_bias), o=t(entry.o),
+                   o_bias=t(entry.o_bias), ffn_norm=t(entry.ffn_norm), ffn=t(entry.ffn))
+
+
 @dataclass
 class StepStats:
     ffn_kept: list = field(default_factory=list)   # per decode step: neurons kept, summed over layers
@@ -72,9 +93,11 @@ class Model:
         if self.ctx < 1:
             raise EdgesparseError(f"--ctx: expected a positive integer, got {ctx}")
         self.max_batch = min(max_batch or 512, self.ctx)
-        self.attn = AttentionStack(self.pkg, self.ctx, self.max_batch, self.threads)
+        self._small = min(SMALL_BATCH, self.max_batch)     # steps up to this size use the Numba kernels
+        self.attn = AttentionStack(self.pkg, self.ctx, self.max_batch, self.threads, self._small)
         self.act = K.ACT_CODES[cfg.activation]
-        self.ffn = [_as_kernel_array(self.pkg.tensor(l.ffn)) for l in self.pkg.manifest.layers]  # [N, 3, D] each
+        self.layers = [LayerWeights.load(self.pkg, l) for l in self.pkg.manifest.layers]
+        self.ffn = [lw.ffn for lw in self.layers]                                                  # [N, 3, D] each
         self.thresholds = np.array([l.threshold for l in self.pkg.manifest.layers], np.float32)  # [L]
         self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, D]
         self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))
@@ -82,7 +105,12 @@ class Model:
         D, N, C = cfg.d_model, cfg.ffn_dim, self.threads
         # Buffers, allocated once.
         self._partial = np.zeros((C, D), np.float32)
-        self._small = min(SMALL_BATCH, self.max_batch)     # steps up to this size use the Numba kernel
+        B = self.max_batch
+        self.hidden = np.zeros((B, D), np.float32)       # the residual stream entering a layer
+        self.residual = np.zeros((B, D), np.float32)     # hidden + attention
+        self.ffn_in = np.zeros((B, D), np.float32)       # norm2(residual)
+        self._xa = np.zeros((B, D), np.float32)          # norm1(hidden)
+        self._nobase = np.zeros((0, 1), np.float32)      # "no residual" for K.linear
         self._partial_s = np.zeros((C, self._small, D), np.float32)
         self._kept = np.zeros(C, np.int64)
         self.h = np.zeros((cfg.n_layers, N), np.float32)       # last decode step's neuron outputs per layer
@@ -202,16 +230,40 @@ class Model:
             self.counts[l, 0] += kept
             self.counts[l, 1] += tokens * self.cfg.ffn_dim
 
+    def _linear(self, w: np.ndarray, X: np.ndarray, bias: np.ndarray, base: np.ndarray | None,
+                Y: np.ndarray) -> None:
+        """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd), X [S, D], Y [S, O]."""
+        if X.shape[0] <= self._small:
+            K.linear(w, X, bias, self._nobase if base is None else base, Y, self.threads)
+            return
+        if w.dtype == np.uint16:     # float16 storage: widen once for BLAS (long prefill only)
+            w = w.view(np.float16).astype(np.float32)
+        np.matmul(X, w.T, out=Y)
+        if bias.size:
+            Y += bias
+        if base is not None:
+            Y += base
+
+    def _attention(self, l: int, S: int) -> None:
+        """hidden[:S] -> residual[:S] = hidden + attention(norm1(hidden)), ffn_in[:S] = norm2(residual)."""
+        a, lw, eps = self.attn, self.layers[l], self.cfg.norm_eps
+        x, r, xa = self.hidden[:S], self.residual[:S], self._xa[:S]   # [S, D]
+        K.rms_norm(x, lw.attn_norm, eps, xa)
+        self._linear(lw.qkv, xa, lw.qkv_bias, None, a.qkv[0, :S])   # [S, (H+2Hkv)·hd]
+        a.run(l)                                                     # [S, H·hd] into a.attn
+        self._linear(lw.o, a.attn[0, :S], lw.o_bias, x, r)
+        K.rms_norm(r, lw.ffn_norm, eps, self.ffn_in[:S])
+
     def _decode_step(self, token: int) -> None:
-        a, cfg = self.attn, self.cfg
-        a.set_position(self.pos, 1)
-        x = a.hidden[0, :1]             # [1, D]
+        cfg = self.cfg
+        self.attn.set_position(self.pos, 1)
+        x = self.hidden[:1]             # [1, D]
         self._tok[0] = token
         K.gather_rows(self.embed, self._tok, np.float32(cfg.embed_scale), x)
-        r, f = a.residual[0, :1], a.ffn_in[0, :1]   # [1, D]
+        r, f = self.residual[:1], self.ffn_in[:1]   # [1, D]
         kept = 0
         for l in range(cfg.n_layers):
-            a.run(l)
+            self._attention(l, 1)
             fi, t, mode = self._ffn_input(l, f)
             k = K.ffn_glu(self.ffn[l], fi[0], r[0], t, self.act, x[0], self.h[l],
                           self._partial, self._kept, mode)
@@ -224,15 +276,15 @@ class Model:
 
     def _prefill(self, tokens: np.ndarray) -> np.ndarray:
         """Run S tokens through every layer; returns the final residual stream [S, D] (a view)."""
-        a, cfg = self.attn, self.cfg
+        cfg = self.cfg
         S = tokens.size
-        a.set_position(self.pos, S)
-        x = a.hidden[0, :S]             # [S, D]
+        self.attn.set_position(self.pos, S)
+        x = self.hidden[:S]             # [S, D]
         K.gather_rows(self.embed, tokens, np.float32(cfg.embed_scale), x)
-        r, f = a.residual[0, :S], a.ffn_in[0, :S]
+        r, f = self.residual[:S], self.ffn_in[:S]
         g, u = self._g[:S], self._u[:S]  # [S, N]
         for l in range(cfg.n_layers):
-            a.run(l)
+            self._attention(l, S)
             w = self.ffn[l]
             fi, t, mode = self._ffn_input(l, f)
             if S <= self._small and self.observer is None:

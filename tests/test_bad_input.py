@@ -13,6 +13,7 @@ import pytest
 
 from edgesparse.cli import main
 from edgesparse.errors import EdgesparseError
+from edgesparse.format import FORMAT_VERSION
 
 PROMPT = ["-p", "w5 w6"]
 
@@ -95,8 +96,19 @@ def test_oversized_weight_file(capsys, pkg):
 
 
 def test_corrupted_onnx_graph(capsys, pkg):
+    # Graphs are tiny, so their hashes are checked on every load, not only by `verify`.
     f = pkg / "attn" / "001.onnx"
-    f.write_bytes(b"\xff" * f.stat().st_size)          # same size: only ORT can tell
+    f.write_bytes(b"\xff" * f.stat().st_size)          # same size
+    cli_error(capsys, ["run", pkg, *PROMPT], f, "sha256 mismatch")
+
+
+def test_unloadable_onnx_graph(capsys, pkg):
+    # A graph whose manifest hash matches but that ONNX Runtime cannot parse.
+    f = pkg / "attn" / "001.onnx"
+    bad = b"\xff" * f.stat().st_size
+    f.write_bytes(bad)
+    sha = hashlib.sha256(bad).hexdigest()
+    edit_manifest(pkg, lambda d: [e.update(sha256=sha) for e in d["files"] if e["path"] == "attn/001.onnx"])
     cli_error(capsys, ["run", pkg, *PROMPT], f, "ONNX Runtime")
 
 
@@ -108,8 +120,13 @@ def test_corrupted_tokenizer(capsys, pkg):
 
 # -- the manifest ------------------------------------------------------------------------------
 def test_unknown_format_version(capsys, pkg):
-    m = edit_manifest(pkg, lambda d: d.update(format_version=2))
-    cli_error(capsys, ["run", pkg, *PROMPT], m, "version 2")
+    m = edit_manifest(pkg, lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    cli_error(capsys, ["run", pkg, *PROMPT], m, f"version {FORMAT_VERSION + 1}")
+
+
+def test_old_format_version(capsys, pkg):
+    m = edit_manifest(pkg, lambda d: d.update(format_version=FORMAT_VERSION - 1))
+    cli_error(capsys, ["run", pkg, *PROMPT], m, f"version {FORMAT_VERSION - 1}", "re-export")
 
 
 def test_manifest_not_json(capsys, pkg):

@@ -550,7 +550,7 @@ FOUND = {
     "bos_token_id -1": (_set(("config", "bos_token_id"), -1), ["token id -1"]),
     "eos_token_ids 10**30": (_set(("config", "eos_token_ids"), [10**30]), ["token id"]),
     "rope.cos float16": (_set(("tensors", "rope.cos", "dtype"), "float16"), ["'rope.cos'", "float32"]),
-    "head_dim 32, n_heads 12": (lambda d: d["config"].update(head_dim=32, n_heads=12), ["attn/000.onnx", "config"]),
+    "head_dim 32, n_heads 12": (lambda d: d["config"].update(head_dim=32, n_heads=12), ["layers.0.qkv", "config"]),
 }
 
 

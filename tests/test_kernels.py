@@ -360,6 +360,38 @@ def test_matvec(V, D, C, dtype):
     assert_within("matvec", y, ref, tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", CHUNKS)
+@pytest.mark.parametrize("O,D,S", [(37, 29, 1), (211, 96, 3), (3, 1, 2), (8, 16, 5)])
+@pytest.mark.parametrize("extras", ["none", "bias", "base", "bias+base", "base aliases out"])
+def test_linear(O, D, S, C, dtype, extras):
+    """The attention projections: Y = X @ w.T (+ bias) (+ base), rows in blocks of 4 (O = 37, 211
+    and 3 leave a remainder block; 8 splits evenly), several tokens per weight row."""
+    rng = np.random.default_rng(O * D + S)
+    w = rng.standard_normal((O, D)).astype(np.float32)
+    if dtype == "float16":
+        w16 = w.astype(np.float16)
+        arg, exact = w16.view(np.uint16), w16.astype(np.float64)
+    else:
+        arg, exact = w, w.astype(np.float64)
+    X = rng.standard_normal((S, D)).astype(np.float32)
+    bias = rng.standard_normal(O).astype(np.float32) if "bias" in extras else np.zeros(0, np.float32)
+    base = rng.standard_normal((S, O)).astype(np.float32) if "base" in extras else np.zeros((0, 1), np.float32)
+    ref = X.astype(np.float64) @ exact.T
+    ref += bias.astype(np.float64) if bias.size else 0.0
+    ref += base.astype(np.float64) if base.size else 0.0
+    if extras == "base aliases out":
+        Y = base          # the residual add in place: out = base + w @ x
+    else:
+        Y = np.full((S, O), np.nan, np.float32)
+    K.linear(arg, X, bias, base, Y, C)
+    # a length-D float32 dot product, then up to two float32 adds
+    mag = np.abs(X.astype(np.float64)) @ np.abs(exact.T) + (np.abs(bias) if bias.size else 0.0) \
+        + (np.abs(ref) if base.size else 0.0)
+    tol = 2 * (D + 2) * EPS32 * mag + 1e-30
+    assert_within(f"linear {extras}", Y, ref, tol)
+
+
 @pytest.mark.parametrize("S,D", [(1, 29), (4, 96), (3, 1)])
 @pytest.mark.parametrize("scale", [1.0, 1e-3, 1e3])
 def test_rms_norm(S, D, scale):
