@@ -1,10 +1,11 @@
 """Command line: a thin layer over the library. `main(argv) -> int`; `python -m edgesparse` works.
 
     edgesparse export [MODEL] -o DIR [--dtype float32|float16] [--force]     (workstation)
-    edgesparse run PKG -p PROMPT [-n N] [--temperature T] [--top-p P] ...     (device)
-    edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input]
-    edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5]
-    edgesparse bench PKG [--sparsity 0,0.5] [--threads 1,2] [--rounds 3]      (device)
+    edgesparse run PKG -p PROMPT [-n N] [--ffn dense|threshold|predict] ...   (device)
+    edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
+    edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
+    edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5]
+    edgesparse bench PKG [--sparsity 0,0.5] [--ffn threshold,predict] [--threads 1,2] [--rounds 3]
     edgesparse verify PKG                                                     (device)
 
 Bad input raises EdgesparseError, printed as one line with a non-zero exit; --debug shows the
@@ -31,8 +32,8 @@ def _export(a: argparse.Namespace) -> int:
     out = export(a.model, Path(a.output), dtype=a.dtype, force=a.force, progress=not a.quiet)
     print(f"wrote {out}", file=sys.stderr)
     if a.calibrate:
-        a.package, a.text, a.tokens, a.method, a.target, a.dump, a.threads = (
-            str(out), a.calibrate, 16384, "paper", 0.5, None, None)
+        a.package, a.text, a.tokens, a.method, a.target, a.dump, a.threads, a.predictor = (
+            str(out), a.calibrate, 16384, "paper", 0.5, None, None, False)
         return _calibrate(a)
     return 0
 
@@ -53,6 +54,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     import time
 
     from .format import write_manifest_atomic
+    from edgesparse.runtime import predictor
     from edgesparse.runtime.calibrate import calibrate, thresholds_for
     from edgesparse.runtime.model import Model
     from edgesparse.runtime.text import TextCodec
@@ -69,10 +71,15 @@ def _calibrate(a: argparse.Namespace) -> int:
     ids = TextCodec(model.pkg).encode(text, special=False)
     dump = _h5_dump(a.dump, model, a.tokens) if a.dump else None
     t0 = time.perf_counter()
+    # An existing predictor is re-tabulated on every calibration (its thresholds follow the level).
+    pred = predictor.load(model.pkg)
+    new_pred = pred is None and a.predictor
+    if new_pred:
+        pred = predictor.build(model.pkg)
     try:
         # windows of 512 tokens, or the whole context for models with a shorter one
         table = calibrate(model, ids, tokens=a.tokens, window=min(512, model.ctx), progress=not a.quiet,
-                          dump=dump.write if dump else None, what=desc)
+                          dump=dump.write if dump else None, what=desc, predictor=pred)
     finally:
         if dump:
             dump.close()
@@ -81,7 +88,16 @@ def _calibrate(a: argparse.Namespace) -> int:
     sparsity = {"method": a.method, "level": target, "calibration": table}
     t = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, a.method, target)
     layers = tuple(dataclasses.replace(l, threshold=float(v)) for l, v in zip(m.layers, t))
-    write_manifest_atomic(model.pkg.path, dataclasses.replace(m, sparsity=sparsity, layers=layers))
+    m = dataclasses.replace(m, sparsity=sparsity, layers=layers)
+    if pred is not None:
+        tp = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, "predicted", target)
+        if new_pred:
+            m = predictor.install(model.pkg.path, m, pred, tp)
+        else:
+            m = dataclasses.replace(m, layers=tuple(dataclasses.replace(l, pred_threshold=float(v))
+                                                    for l, v in zip(m.layers, tp)))
+    write_manifest_atomic(model.pkg.path, m)
+    predictor.remove_stale(model.pkg.path, m)
     print(f"calibrated {a.package} on {table['tokens']} tokens of {desc} in {time.perf_counter() - t0:.0f} s; "
           f"active: {a.method} at {target:.0%} sparsity", file=sys.stderr)
     return 0
@@ -130,8 +146,14 @@ def _eval(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"--ctx {a.ctx}: longer than the model's context ({model.cfg.max_position}); "
                               "lower --ctx")
     sp = model.pkg.manifest.sparsity
-    methods = a.methods.split(",") if a.methods else (
-        sorted(sp["calibration"]["thresholds"]) if sp.get("calibration") else ["paper"])
+    calibrated = sorted(sp["calibration"]["thresholds"]) if sp.get("calibration") else ["paper"]
+    methods = a.methods.split(",") if a.methods else [
+        "predict" if m == "predicted" else m for m in calibrated]
+    unknown = [m for m in methods if m not in ("paper", "gate", "input", "predict")]
+    if unknown:
+        raise EdgesparseError(f"--methods: unknown {unknown}; expected paper, gate, input, predict")
+    if "predict" in methods and not model.has_predictor:
+        raise EdgesparseError(f"{a.package}: --methods predict needs a predictor (calibrate --predictor)")
     if any(q > 0 for q in levels) and not sp.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
     text, desc = load_text(a.text, "test")
@@ -151,6 +173,40 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(a: argparse.Namespace) -> int:
+    import time
+
+    from edgesparse.runtime import analyze
+    from edgesparse.runtime.calibrate import thresholds_for
+    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.text import TextCodec
+    from edgesparse.runtime.textdata import load_text, token_windows
+
+    level = _levels(str(a.sparsity), "--sparsity")[0]
+    window = 512
+    analyze.check_tokens(a.tokens, window)
+    model = Model(a.package, threads=a.threads, ctx=window, max_batch=window)
+    sp = model.pkg.manifest.sparsity
+    t = thresholds_for(sp, "paper", level)
+    tp = thresholds_for(sp, "predicted", level) if model.has_predictor else None
+    text, desc = load_text(a.text, "test")
+    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), window, a.tokens // window, desc)
+    t0 = time.perf_counter()
+    A, P, sig = analyze.collect(model, windows, t, tp, progress=not a.quiet)
+    res = analyze.study(A, P, sig, window)
+    res.update(text=desc, level=level, seconds=time.perf_counter() - t0)
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analyze.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = analyze.summary_table(res)
+    (out / "analyze.md").write_text(md + "\n")
+    figs = analyze.figures(res, out, model.cfg.arch)
+    print(md)
+    print(f"{desc}: {res['tokens']} tokens at {level:.0%} sparsity, {res['seconds']:.0f} s; wrote "
+          f"{out / 'analyze.json'}" + (" and analyze.png" if figs else ""), file=sys.stderr)
+    return 0
+
+
 def _run(a: argparse.Namespace) -> int:
     from edgesparse.runtime.generate import generate
     from edgesparse.runtime.model import Model
@@ -161,11 +217,7 @@ def _run(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"-n/--tokens: expected a positive integer, got {a.tokens}")
     sampler = Sampler(a.temperature, a.top_p, a.seed)
     model = Model(a.package, ctx=a.ctx, threads=a.threads, verify=a.verify)
-    if a.sparsity is not None:
-        from edgesparse.runtime.calibrate import thresholds_for
-        level = _levels(str(a.sparsity), "--sparsity")[0]
-        sp = model.pkg.manifest.sparsity
-        model.set_thresholds([0.0] * model.cfg.n_layers if level == 0 else thresholds_for(sp, sp["method"], level))
+    model.configure(a.ffn, None if a.sparsity is None else _levels(str(a.sparsity), "--sparsity")[0])
     codec = TextCodec(model.pkg)
     if a.prompt == "":
         raise EdgesparseError("-p/--prompt: the prompt is empty")
@@ -206,8 +258,12 @@ def _bench(a: argparse.Namespace) -> int:
     for name in ("rounds", "prompt_tokens", "gen_tokens"):
         if getattr(a, name) < (2 if name == "gen_tokens" else 1):
             raise EdgesparseError(f"--{name.replace('_', '-')}: too small ({getattr(a, name)})")
+    ffns = [f.strip() for f in a.ffn.split(",") if f.strip()]
+    bad = [f for f in ffns if f not in ("dense", "threshold", "predict")]
+    if not ffns or bad:
+        raise EdgesparseError(f"--ffn: expected comma-separated dense, threshold, predict; got {a.ffn!r}")
     res = run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, Path(a.output),
-                    progress=not a.quiet)
+                    progress=not a.quiet, ffns=ffns)
     print(table(res))
     print(f"wrote {Path(a.output) / 'bench.json'}", file=sys.stderr)
     return 0
@@ -253,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="paper", help="active method: paper (|h|), gate (CATS), input (TEAL)")
     c.add_argument("--target", default="0.5", help="active target sparsity (default 0.5)")
     c.add_argument("--dump", metavar="FILE.h5", help="write the dense activations h[layer, token, neuron]")
+    c.add_argument("--predictor", action="store_true",
+                   help="also build the activation predictor (int8 gate/up rows) and calibrate its thresholds")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(fn=_calibrate)
@@ -263,11 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
     ev.add_argument("--windows", type=int, default=None, help="use the first N windows (default: all)")
     ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
-    ev.add_argument("--methods", default=None, help="comma-separated (default: every calibrated method)")
+    ev.add_argument("--methods", default=None,
+                    help="comma-separated: paper, gate, input, predict (default: every calibrated one)")
     ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(fn=_eval)
+
+    an = sub.add_parser("analyze", help="how predictable the active neurons are (per layer, JSON and plots)")
+    an.add_argument("package")
+    an.add_argument("--text", required=True, help="text file, 'wikitext2' (test split) or hub dataset id")
+    an.add_argument("--tokens", type=int, default=4096, help="tokens to study (default 4096)")
+    an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active' (default 0.5)")
+    an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plot")
+    an.add_argument("--threads", type=int, default=None)
+    an.add_argument("-q", "--quiet", action="store_true")
+    an.set_defaults(fn=_analyze)
 
     r = sub.add_parser("run", help="generate text from a package (device)")
     r.add_argument("package")
@@ -284,11 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
     r.add_argument("--sparsity", type=float, default=None,
                    help="use the calibrated thresholds for this target (default: the package's active ones)")
+    r.add_argument("--ffn", default="threshold", choices=["dense", "threshold", "predict"],
+                   help="FFN mode: dense; threshold (the paper's rule, default); predict (the predictor "
+                        "picks the rows to read)")
     r.set_defaults(fn=_run)
 
     b = sub.add_parser("bench", help="decode speed and memory, configurations side by side")
     b.add_argument("package")
     b.add_argument("--sparsity", default="0", help="comma-separated calibrated levels (default 0 = dense)")
+    b.add_argument("--ffn", default="threshold", help="comma-separated FFN modes: threshold, predict, dense")
     b.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma-separated thread counts")
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--gen-tokens", type=int, default=128)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ MANIFEST = "manifest.json"
 PAGE = 4096  # raw tensor offsets are multiples of this so each tensor can be mmap'd page-aligned
 
 # dtype name -> (numpy dtype string, little-endian, bytes per element)
-DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4"}
+DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int8": "<i1"}
 FILE_KINDS = ("raw", "onnx", "tokenizer")
 SPARSITY_METHODS = ("none", "synthetic", "paper", "gate", "input")
 
@@ -66,7 +67,7 @@ class TensorEntry:
 
 # A layer's tensors by role (HF naming, mapped once at export): role -> required?
 LAYER_TENSORS = {"attn_norm": True, "qkv": True, "qkv_bias": False, "o": True, "o_bias": False,
-                 "ffn_norm": True, "ffn": True}
+                 "ffn_norm": True, "ffn": True, "pred_q": False, "pred_scale": False}
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class LayerEntry:
     ffn_norm: str = ""    # [D] post-attention norm weight
     qkv_bias: str | None = None   # [(H + 2 Hkv) hd] (Qwen2)
     o_bias: str | None = None     # [D]
+    # The activation predictor (edgesparse calibrate --predictor): int8 copies of the gate and up
+    # rows, and the threshold on the predicted |h| that makes a neuron a candidate.
+    pred_q: str | None = None      # [N, 2, D] int8
+    pred_scale: str | None = None  # [N, 2] float32, one scale per row
+    pred_threshold: float | None = None
 
     def tensor_names(self) -> dict[str, str]:
         """role -> tensor name, for the roles this layer has."""
@@ -203,7 +209,15 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
             raise PackageError(f"{w}: threshold is an integer too large for a float")
         if not (math.isfinite(th) or th == math.inf) or th < 0:
             raise PackageError(f"{w}: threshold must be >= 0 (inf allowed), got {th!r}")
-        layers.append(LayerEntry(attention=attn, threshold=float(th), **names))
+        pth = l.get("pred_threshold")
+        if ("pred_q" in names) != ("pred_scale" in names) or ("pred_q" in names) != (pth is not None):
+            raise PackageError(f"{w}: pred_q, pred_scale and pred_threshold come together or not at all")
+        if pth is not None:
+            # <= the largest float, not < inf: a huge JSON integer would overflow float() below
+            if isinstance(pth, bool) or not isinstance(pth, (int, float)) or not (0 <= pth <= sys.float_info.max):
+                raise PackageError(f"{w}: pred_threshold must be a finite number >= 0, got {pth!r}"[:300])
+            pth = float(pth)
+        layers.append(LayerEntry(attention=attn, threshold=float(th), pred_threshold=pth, **names))
 
     sparsity = _need(doc, "sparsity", dict, where)
     method = _need(sparsity, "method", str, f"{where}: sparsity")
@@ -228,7 +242,7 @@ def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, 
     D, q = c.d_model, c.n_heads * c.head_dim
     qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
     per_role = {"attn_norm": (D,), "qkv": (qkv, D), "qkv_bias": (qkv,), "o": (D, q), "o_bias": (D,),
-                "ffn_norm": (D,), "ffn": (c.ffn_dim, 3, D)}
+                "ffn_norm": (D,), "ffn": (c.ffn_dim, 3, D), "pred_q": (c.ffn_dim, 2, D), "pred_scale": (c.ffn_dim, 2)}
     for l in layers:
         for role, name in l.tensor_names().items():
             if name in shapes and shapes[name] != per_role[role]:
@@ -239,20 +253,22 @@ def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, 
 
 
 def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
+    pred_q = {l.pred_q for l in layers if l.pred_q is not None}
     for name, shape in expected_shapes(c, layers, where).items():
         if name not in tensors:
             raise PackageError(f"{where}: tensor {name!r} is missing")
         if tensors[name].shape != shape:
             raise PackageError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                                f"the config needs {list(shape)}")
-        if tensors[name].dtype not in ("float32", "float16"):
-            raise PackageError(f"{where}: tensor {name!r} must be float32 or float16")
+        want = ("int8",) if name in pred_q else ("float32", "float16")
+        if tensors[name].dtype not in want:
+            raise PackageError(f"{where}: tensor {name!r} must be {' or '.join(want)}")
     # Norm weights and biases are tiny and read as float32 by the kernels.
     if tensors["final_norm.weight"].dtype != "float32":
         raise PackageError(f"{where}: tensor 'final_norm.weight' must be float32, "
                            f"got {tensors['final_norm.weight'].dtype}")
     for l in layers:
-        for role in ("attn_norm", "ffn_norm", "qkv_bias", "o_bias"):
+        for role in ("attn_norm", "ffn_norm", "qkv_bias", "o_bias", "pred_scale"):
             name = getattr(l, role)
             if name is not None and tensors[name].dtype != "float32":
                 raise PackageError(f"{where}: tensor {name!r} ({role}) must be float32, got {tensors[name].dtype}")
@@ -335,7 +351,9 @@ def manifest_to_json(m: Manifest) -> dict:
         "files": [{"path": f.path, "kind": f.kind, "size": f.size, "sha256": f.sha256} for f in m.files.values()],
         "tensors": {t.name: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset}
                     for t in m.tensors.values()},
-        "layers": [{"attention": l.attention, **l.tensor_names(), "threshold": l.threshold} for l in m.layers],
+        "layers": [{"attention": l.attention, **l.tensor_names(), "threshold": l.threshold,
+                    **({} if l.pred_threshold is None else {"pred_threshold": l.pred_threshold})}
+                   for l in m.layers],
         "sparsity": m.sparsity,
         "chat_template": m.chat_template,
     }
@@ -344,6 +362,30 @@ def manifest_to_json(m: Manifest) -> dict:
 def dump_manifest(m: Manifest) -> bytes:
     # allow_nan=True writes +inf as `Infinity`; _no_constants reads only that one back.
     return (json.dumps(manifest_to_json(m), indent=1, allow_nan=True) + "\n").encode("utf-8")
+
+
+def write_raw(path: Path, rel: str, tensors) -> tuple[FileEntry, dict[str, TensorEntry]]:
+    """Write tensors [(name, array, dtype name)] into one raw file at page-aligned offsets,
+    fsync'd; returns its file entry and tensor entries (rel = its path inside the package)."""
+    import numpy as np
+    h = hashlib.sha256()
+    pos = 0
+    entries = {}
+    with open(path, "wb") as fh:
+        for name, arr, dtype in tensors:
+            pad = (-pos) % PAGE
+            if pad:
+                fh.write(b"\0" * pad)
+                h.update(b"\0" * pad)
+                pos += pad
+            data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[dtype])).tobytes()
+            fh.write(data)
+            h.update(data)
+            entries[name] = TensorEntry(name, rel, dtype, tuple(int(s) for s in arr.shape), pos)
+            pos += len(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return FileEntry(rel, "raw", pos, h.hexdigest()), entries
 
 
 def write_manifest_atomic(pkg: Path, m: Manifest) -> None:

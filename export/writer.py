@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.format import (DTYPES, PAGE, FileEntry, Manifest, TensorEntry, dump_manifest, MANIFEST)
+from edgesparse.format import MANIFEST, FileEntry, Manifest, TensorEntry, dump_manifest, write_raw
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -73,23 +73,10 @@ class PackageWriter:
 
     def raw(self, rel: str, tensors: list[tuple[str, np.ndarray, str]]) -> None:
         """Write tensors (name, array, dtype name) into one raw file at page-aligned offsets."""
-        h = hashlib.sha256()
-        pos = 0
-        with self._open(rel) as fh:
-            for name, arr, dtype in tensors:
-                pad = (-pos) % PAGE
-                if pad:
-                    fh.write(b"\0" * pad)
-                    h.update(b"\0" * pad)
-                    pos += pad
-                data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[dtype])).tobytes()
-                fh.write(data)
-                h.update(data)
-                self.tensors[name] = TensorEntry(name, rel, dtype, tuple(int(s) for s in arr.shape), pos)
-                pos += len(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.files[rel] = FileEntry(rel, "raw", pos, h.hexdigest())
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.files[rel], entries = write_raw(p, rel, tensors)
+        self.tensors.update(entries)
 
     def finish(self, manifest: Manifest) -> Path:
         # mkdtemp creates the directory 0700; a package is meant to be shared (copied to a

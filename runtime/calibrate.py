@@ -6,7 +6,9 @@ P(|value| < t) = q on the calibration text. Methods:
     paper  |h|, h = act(gate.x) * (up.x)   the neuron output (the paper's criterion)
     gate   |act(gate.x)|                    CATS
     input  |x_k|, x the FFN input           TEAL
-All three come from the same forward pass, so one calibration stores all three tables.
+All three come from the same forward pass, so one calibration stores all three tables. With a
+predictor (runtime/predictor.py) the same pass also tabulates |h^|, its predicted |h| ("predicted"),
+whose percentiles are the candidate thresholds t_pred.
 
 Distributions are kept as per-layer log-spaced histograms (2048 bins over 1e-10..1e4, 0.7% wide),
 so memory does not grow with the token count and percentiles are exact to well under a point of
@@ -69,10 +71,11 @@ class LogHistogram:
 
 
 def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, progress: bool = True,
-              dump=None, what: str = "the calibration text") -> dict:
+              dump=None, what: str = "the calibration text", predictor=None) -> dict:
     """Collect the three distributions on up to `tokens` tokens of `ids` (windows of `window`
     tokens from position 0, dense model) and return the calibration table for the manifest.
-    dump: optional callable(layer, token_offset, h [S, N]) receiving the dense neuron outputs."""
+    dump: optional callable(layer, token_offset, h [S, N]) receiving the dense neuron outputs.
+    predictor: optional list per layer of (pq, ps) int8 predictor arrays to tabulate |h^| for."""
     from .textdata import token_windows
     from . import kernels as K
     if window <= 64:
@@ -81,7 +84,8 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         raise EdgesparseError(f"--tokens {tokens}: must be at least one window ({window})")
     wins = token_windows(ids, window, tokens // window, what)
     L = model.cfg.n_layers
-    hist = {m: LogHistogram(L) for m in METHODS}
+    methods = METHODS + (("predicted",) if predictor is not None else ())
+    hist = {m: LogHistogram(L) for m in methods}
     act = K.ACT_CODES[model.cfg.activation]
     h_buf = np.empty((window, model.cfg.ffn_dim), np.float32)
     a_buf = np.empty_like(h_buf)
@@ -95,6 +99,12 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         hist["paper"].add(layer, h)
         hist["gate"].add(layer, a)
         hist["input"].add(layer, f)
+        if predictor is not None:
+            wp = np.empty((g.shape[1], 2, f.shape[1]), np.float32)     # [N, 2, D]
+            K.dequant_pred(*predictor[layer], wp)
+            gp = f @ wp[:, 0].T                                      # [S, N]
+            K.activation(gp, act, gp)
+            hist["predicted"].add(layer, gp * (f @ wp[:, 1].T))
         if dump is not None:
             dump(layer, offset[0], h)
 
@@ -113,7 +123,7 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         model.set_thresholds(saved[0], saved[1])
     table = {"tokens": int(wins.size), "window": window, "levels": list(LEVELS),
              "thresholds": {}, "histograms": {}}
-    for m in METHODS:
+    for m in methods:
         th = [[hist[m].quantile(l, q) for l in range(L)] for q in LEVELS]
         table["thresholds"][m] = th
         table["histograms"][m] = hist[m].compact()

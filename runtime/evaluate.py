@@ -27,14 +27,20 @@ def evaluate(model, windows: np.ndarray, methods: list[str], levels: list[float]
     """For each (method, level): perplexity, achieved sparsity per layer on this text, and the
     fraction of FFN weight bytes a perfect predictor would skip."""
     sp = model.pkg.manifest.sparsity
-    saved = model.thresholds.copy(), model.method
+    saved = model.thresholds.copy(), model.method, model.ffn_mode, model.t_pred.copy()
     runs = [(m, q) for m in methods for q in levels if not (q == 0.0 and m != methods[0])]
     bar = Progress(len(runs) * len(windows), "eval", progress)
     results = []
     try:
         for method, level in runs:
-            t = [0.0] * model.cfg.n_layers if level == 0.0 else thresholds_for(sp, method, level)
-            model.set_thresholds(t, method)
+            zero = [0.0] * model.cfg.n_layers
+            if method == "predict":
+                # the predictor's candidates at this level, then the paper rule at the same level
+                model.set_thresholds(zero if level == 0.0 else thresholds_for(sp, "paper", level), "paper")
+                model.set_ffn_mode("predict", zero if level == 0.0 else thresholds_for(sp, "predicted", level))
+            else:
+                model.set_thresholds(zero if level == 0.0 else thresholds_for(sp, method, level), method)
+                model.set_ffn_mode("threshold")
             model.reset_counts()
             ppl = perplexity(model, windows, bar)
             kept, total = model.counts[:, 0].astype(np.float64), model.counts[:, 1].astype(np.float64)
@@ -43,11 +49,21 @@ def evaluate(model, windows: np.ndarray, methods: list[str], levels: list[float]
             # paper/gate zero whole neurons: gate, up and down rows all skippable. input zeroes
             # FFN input entries: their columns of gate and up (2/3 of the bytes); down stays dense.
             skip = mean if method != "input" else mean * 2.0 / 3.0
+            extra = {}
+            if method == "predict":
+                # rows actually read: gate and up of candidates, down of survivors
+                cand = model.counts[:, 2].astype(np.float64)
+                read = (2 * cand + kept) / (3 * np.maximum(total, 1))
+                skip = float(1.0 - read.mean())
+                extra = {"candidates_per_layer": (cand / np.maximum(total, 1)).tolist(),
+                         "rows_read_per_layer": read.tolist()}
             results.append({"method": method if level else "dense", "target": level, "perplexity": ppl,
                             "achieved_sparsity_mean": mean, "achieved_sparsity_per_layer": achieved,
-                            "ffn_bytes_skippable": skip})
+                            "ffn_bytes_skippable": skip, **extra})
     finally:
-        model.set_thresholds(*saved)
+        model.set_thresholds(saved[0], saved[1])
+        model.ffn_mode = saved[2]
+        model.t_pred[:] = saved[3]
     return {"windows": int(len(windows)), "window_tokens": int(windows.shape[1]),
             "predicted_tokens": int(len(windows) * (windows.shape[1] - 1)), "results": results}
 

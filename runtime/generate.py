@@ -71,8 +71,7 @@ def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler
         lat.append(time.perf_counter() - t)
     lat_ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
     L, N = cfg.n_layers, cfg.ffn_dim
-    kept = np.array(model.stats.ffn_kept, np.float64)
-    rows = 2 * N * L + kept.mean() if kept.size else float("nan")
+    rows = float(np.mean(model.stats.ffn_rows)) if model.stats.ffn_rows else float("nan")
     stats = RunStats(
         prompt_tokens=len(prompt_ids), generated_tokens=len(out), prefill_ms=t_prefill * 1e3,
         decode_tokens_per_s=(len(lat) / sum(lat)) if lat else float("nan"),

@@ -9,7 +9,11 @@
     logits = lm_head(norm(x))                                # [V]
 
 FFN_t is the thresholded FFN: h = act(gate.f) * (up.f); neurons with |h| < t_l are zeroed and
-their down columns are not read. t_l = 0 is the dense model.
+their down columns are not read. t_l = 0 is the dense model. FFN modes (`--ffn`):
+    dense      every neuron (t = 0)
+    threshold  the paper's rule: gate and up rows of every neuron, down columns of survivors
+    predict    the int8 predictor picks candidates (|h^| >= t_pred); only their gate and up rows
+               are read, and the same threshold t decides which down columns are
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .attention import AttentionStack
 from .package import Package
 
 DEFAULT_CTX = 2048
+FFN_MODES = ("dense", "threshold", "predict")
 # Up to this many tokens a prefill step runs the Numba kernel (weight-bandwidth bound); above it,
 # BLAS (compute bound: eval windows, long prompts).
 SMALL_BATCH = 64
@@ -59,25 +64,30 @@ class LayerWeights:
     o_bias: np.ndarray      # [D] float32, or [0]
     ffn_norm: np.ndarray    # [D] float32
     ffn: np.ndarray         # [N, 3, D] neuron-major
+    pred_q: np.ndarray | None = None      # [N, 2, D] int8 predictor (see predictor.py)
+    pred_scale: np.ndarray | None = None  # [N, 2] float32
 
     @classmethod
     def load(cls, pkg: Package, entry) -> "LayerWeights":
         none = np.zeros(0, np.float32)
         t = lambda name: none if name is None else _as_kernel_array(pkg.tensor(name))  # noqa: E731
+        pred = {} if entry.pred_q is None else {"pred_q": pkg.tensor(entry.pred_q),
+                                                "pred_scale": pkg.tensor(entry.pred_scale)}
         return cls(attn_norm=t(entry.attn_norm), qkv=t(entry.qkv), qkv_bias=t(entry.qkv_bias), o=t(entry.o),
-                   o_bias=t(entry.o_bias), ffn_norm=t(entry.ffn_norm), ffn=t(entry.ffn))
+                   o_bias=t(entry.o_bias), ffn_norm=t(entry.ffn_norm), ffn=t(entry.ffn), **pred)
 
 
 @dataclass
 class StepStats:
     ffn_kept: list = field(default_factory=list)   # per decode step: neurons kept, summed over layers
+    ffn_rows: list = field(default_factory=list)   # per decode step: FFN weight rows read (gate, up, down)
 
 
 class Model:
     """A loaded package ready to run. One sequence at a time (batch 1), as on a device."""
 
     def __init__(self, pkg: str | os.PathLike | Package, ctx: int | None = None, threads: int | None = None,
-                 max_batch: int | None = None, verify: bool = False):
+                 max_batch: int | None = None, verify: bool = False, prefetch: bool = False):
         self.pkg = pkg if isinstance(pkg, Package) else Package(pkg, verify=verify)
         cfg = self.cfg = self.pkg.config
         if not cfg.gated or cfg.ffn_bias or cfg.norm != "rms":
@@ -97,8 +107,16 @@ class Model:
         self.attn = AttentionStack(self.pkg, self.ctx, self.max_batch, self.threads, self._small)
         self.act = K.ACT_CODES[cfg.activation]
         self.layers = [LayerWeights.load(self.pkg, l) for l in self.pkg.manifest.layers]
+        # --prefetch: while layer l runs, the OS reads layer l+1's weights (cold page cache only;
+        # devices/bench_prefetch.py measures whether it helps)
+        self.prefetch = prefetch
+        self._layer_tensors = [[n for n in e.tensor_names().values() if not n.endswith(("norm", "bias"))]
+                               for e in self.pkg.manifest.layers]
         self.ffn = [lw.ffn for lw in self.layers]                                                  # [N, 3, D] each
         self.thresholds = np.array([l.threshold for l in self.pkg.manifest.layers], np.float32)  # [L]
+        self.has_predictor = all(lw.pred_q is not None for lw in self.layers)
+        self.t_pred = np.array([l.pred_threshold or 0.0 for l in self.pkg.manifest.layers], np.float32)  # [L]
+        self.ffn_mode = "threshold"
         self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, D]
         self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))
         self.final_norm = np.ascontiguousarray(self.pkg.tensor("final_norm.weight"))                # [D]
@@ -113,6 +131,10 @@ class Model:
         self._nobase = np.zeros((0, 1), np.float32)      # "no residual" for K.linear
         self._partial_s = np.zeros((C, self._small, D), np.float32)
         self._kept = np.zeros(C, np.int64)
+        self._cand = np.zeros(C, np.int64)
+        self._order = np.zeros((C, N), np.int32)       # predict mode: each thread's candidate list
+        self._cand_s = np.zeros(self.max_batch, np.int64)
+        self._wp = None      # predictor rows widened to float32 [N, 2, D], BLAS prefill only
         self.h = np.zeros((cfg.n_layers, N), np.float32)       # last decode step's neuron outputs per layer
         self._xn = np.zeros((1, D), np.float32)
         self.logits = np.zeros(cfg.vocab_size, np.float32)
@@ -120,7 +142,8 @@ class Model:
         self._u = np.zeros((self.max_batch, N), np.float32)
         self._kept_s = np.zeros(self.max_batch, np.int64)
         self._fmask = np.zeros((self.max_batch, D), np.float32)
-        self.counts = np.zeros((cfg.n_layers, 2), np.int64)   # [L, (kept, total)] of the thresholded quantity
+        # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
+        self.counts = np.zeros((cfg.n_layers, 3), np.int64)
         self.observer = None     # calibration hook: observer(layer, ffn_in [S,D], gate [S,N], up [S,N])
         self.method = self.pkg.manifest.sparsity.get("method", "none")
         if self.method not in K.MODE_CODES:
@@ -155,6 +178,38 @@ class Model:
                 raise EdgesparseError(f"sparsity method {method!r}: expected one of {sorted(K.MODE_CODES)}")
             self.method = method
         self.thresholds[:] = t
+
+    def set_ffn_mode(self, mode: str, t_pred=None) -> None:
+        """dense | threshold | predict (see the module docstring); t_pred [L] optionally replaces the
+        package's candidate thresholds."""
+        if mode not in FFN_MODES:
+            raise EdgesparseError(f"--ffn: expected one of {', '.join(FFN_MODES)}, got {mode!r}")
+        if mode == "predict":
+            if not self.has_predictor:
+                raise EdgesparseError(f"{self.pkg.path}: --ffn predict needs a predictor; run "
+                                      f"`edgesparse calibrate PKG --text ... --predictor` first")
+            if self.method not in ("paper", "none", "synthetic"):
+                raise EdgesparseError(f"--ffn predict applies the paper rule; the package's method is {self.method!r}")
+        if t_pred is not None:
+            t_pred = np.asarray(t_pred, np.float32)
+            if t_pred.shape != self.t_pred.shape or np.isnan(t_pred).any() or (t_pred < 0).any():
+                raise EdgesparseError(f"predictor thresholds: expected {self.t_pred.shape[0]} values >= 0")
+            self.t_pred[:] = t_pred
+        self.ffn_mode = mode
+
+    def configure(self, ffn: str = "threshold", level: float | None = None) -> None:
+        """The FFN mode and, optionally, a calibrated target sparsity instead of the package's active
+        one (level 0 = dense). predict takes the paper thresholds and the predictor's candidate
+        thresholds at the same level."""
+        from .calibrate import thresholds_for
+        sp, L = self.pkg.manifest.sparsity, self.cfg.n_layers
+        t_pred = None
+        if level is not None:
+            method = "paper" if ffn == "predict" else (sp["method"] if sp["method"] in K.MODE_CODES else "paper")
+            self.set_thresholds([0.0] * L if level == 0 else thresholds_for(sp, method, level), method)
+            if ffn == "predict":
+                t_pred = [0.0] * L if level == 0 else thresholds_for(sp, "predicted", level)
+        self.set_ffn_mode(ffn, t_pred)
 
     def reset_counts(self) -> None:
         self.counts[:] = 0
@@ -215,6 +270,8 @@ class Model:
         """(input, threshold for h, kernel mode) for layer l. TEAL-style input sparsity masks the
         FFN input here and leaves the kernels the paper rule at t = 0."""
         mode = K.MODE_CODES[self.method]
+        if self.ffn_mode == "dense":
+            return f, np.float32(0.0), 0        # dense: every neuron, whatever the thresholds
         if self.thresholds[l] == 0.0:
             return f, self.thresholds[l], 0     # t = 0 is the dense model under every rule
         if mode != 2:
@@ -244,6 +301,13 @@ class Model:
         if base is not None:
             Y += base
 
+    def _willneed(self, l: int) -> None:
+        if self.prefetch and l < self.cfg.n_layers:
+            skip = self.pkg.manifest.layers[l].ffn if self.ffn_mode == "predict" else None
+            for name in self._layer_tensors[l]:
+                if name != skip:    # predict mode reads only candidates' rows: never the whole file
+                    self.pkg.willneed(name)
+
     def _attention(self, l: int, S: int) -> None:
         """hidden[:S] -> residual[:S] = hidden + attention(norm1(hidden)), ffn_in[:S] = norm2(residual)."""
         a, lw, eps = self.attn, self.layers[l], self.cfg.norm_eps
@@ -254,6 +318,19 @@ class Model:
         self._linear(lw.o, a.attn[0, :S], lw.o_bias, x, r)
         K.rms_norm(r, lw.ffn_norm, eps, self.ffn_in[:S])
 
+    def _predict_mask(self, l: int, fi: np.ndarray, h: np.ndarray) -> None:
+        """BLAS prefill in predict mode: zero the exact h [S, N] of non-candidates, in place, and
+        recount the kept neurons per token into _kept_s."""
+        lw, S = self.layers[l], h.shape[0]
+        if self._wp is None:
+            self._wp = np.empty((self.cfg.ffn_dim, 2, self.cfg.d_model), np.float32)
+        K.dequant_pred(lw.pred_q, lw.pred_scale, self._wp)
+        gp = fi @ self._wp[:, 0].T        # [S, N]
+        up = fi @ self._wp[:, 1].T
+        K.predict_mask(h, gp, up, self.t_pred[l], self.act, self._cand_s[:S])
+        self._kept_s[:S] = np.count_nonzero(h, axis=1)
+        self.counts[l, 2] += int(self._cand_s[:S].sum())
+
     def _decode_step(self, token: int) -> None:
         cfg = self.cfg
         self.attn.set_position(self.pos, 1)
@@ -261,15 +338,26 @@ class Model:
         self._tok[0] = token
         K.gather_rows(self.embed, self._tok, np.float32(cfg.embed_scale), x)
         r, f = self.residual[:1], self.ffn_in[:1]   # [1, D]
-        kept = 0
+        kept = rows = 0
+        N = cfg.ffn_dim
         for l in range(cfg.n_layers):
+            self._willneed(l + 1)
             self._attention(l, 1)
             fi, t, mode = self._ffn_input(l, f)
-            k = K.ffn_glu(self.ffn[l], fi[0], r[0], t, self.act, x[0], self.h[l],
-                          self._partial, self._kept, mode)
+            if self.ffn_mode == "predict":
+                lw = self.layers[l]
+                k, c = K.ffn_predict(self.ffn[l], lw.pred_q, lw.pred_scale, fi[0], r[0], self.t_pred[l], t,
+                                     self.act, x[0], self.h[l], self._partial, self._kept, self._cand, self._order)
+                rows += 2 * c + k
+                self.counts[l, 2] += c
+            else:
+                k = K.ffn_glu(self.ffn[l], fi[0], r[0], t, self.act, x[0], self.h[l],
+                              self._partial, self._kept, mode)
+                rows += (N + 2 * k) if mode == 1 else (2 * N + k)
             self._count(l, k, 1)
             kept += k
         self.stats.ffn_kept.append(kept)
+        self.stats.ffn_rows.append(rows)
         K.rms_norm(x, self.final_norm, cfg.norm_eps, self._xn)
         K.matvec(self.head, self._xn[0], self.logits, self.threads)
         self.pos += 1
@@ -284,12 +372,20 @@ class Model:
         r, f = self.residual[:S], self.ffn_in[:S]
         g, u = self._g[:S], self._u[:S]  # [S, N]
         for l in range(cfg.n_layers):
+            self._willneed(l + 1)
             self._attention(l, S)
             w = self.ffn[l]
             fi, t, mode = self._ffn_input(l, f)
+            predict = self.ffn_mode == "predict"
             if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
-                k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._kept, mode)
+                if predict:
+                    lw = self.layers[l]
+                    k, c = K.ffn_predict_batch(w, lw.pred_q, lw.pred_scale, fi, r, self.t_pred[l], t, self.act,
+                                               x, g, self._partial_s, self._kept, self._cand, self._order)
+                    self.counts[l, 2] += c
+                else:
+                    k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._kept, mode)
                 self._count(l, k, S)
                 continue
             if w.dtype == np.uint16:     # float16 storage: widen this layer once for BLAS
@@ -302,6 +398,8 @@ class Model:
             if self.observer is not None:
                 self.observer(l, f, g, u)   # calibration: pre-threshold FFN input, gate, up
             K.glu_threshold(g, u, t, self.act, self._kept_s[:S], mode)
+            if predict:
+                self._predict_mask(l, fi, g)
             self._count(l, int(self._kept_s[:S].sum()), S)
             np.matmul(g, w[:, 2, :], out=x)
             x += r

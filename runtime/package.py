@@ -52,6 +52,15 @@ class Package:
         a = np.frombuffer(mm, dtype=np.dtype(DTYPES[t.dtype]), count=count, offset=t.offset)
         return a.reshape(t.shape)
 
+    def willneed(self, name: str) -> None:
+        """Ask the OS to start reading a tensor's pages now (madvise MADV_WILLNEED), so a later
+        first touch does not wait for the disk. Asynchronous; a no-op where unsupported."""
+        t = self.manifest.tensor(name)
+        mm = self._map(t.file)
+        lo = t.offset - t.offset % mmap.PAGESIZE
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            mm.madvise(mmap.MADV_WILLNEED, lo, min(len(mm), t.offset + t.nbytes) - lo)
+
     def close(self) -> None:
         # Arrays handed out keep their mmap alive through the buffer protocol; closing an mmap
         # with live views raises BufferError, so we only drop our references.
