@@ -1,25 +1,20 @@
 """The activation predictor (`--ffn predict`): runtime/predictor.py, the Numba kernels
-ffn_predict_batch / ffn_predict / the dequantization kernel / predict_mask, the model's predict
-mode, the CLI (`calibrate --predictor`, `run --ffn predict`, `eval --methods predict`) and the
-manifest checks.
+ffn_predict_batch / ffn_predict / dequant_pred / predict_mask, the model's predict mode, the CLI
+(`calibrate --predictor`, `run --ffn predict`, `eval --methods predict`) and the manifest checks.
 
-The predictor's storage changed while these tests were written: int4 packed two per byte
-(uint8 [N, 2, D/2]) with a scale per group of 32 inputs, then int8 [N, 2, D] with groups of 64,
-then int8 with one scale per row (ps [N, 2]). The tests read the layout from the module (QMAX,
-whether it has group_size, the shapes quantize returns) and check whichever one it implements;
-everything else (kernels, model, CLI) only depends on "w ~ q * scale".
+The predictor's layout: pq [N, 2, D] int8 (q = round(w / scale), |q| <= 127, row 0 gate, row 1
+up) and ps [N, 2] float32 (one scale per row, max|w| / 127).
 
-References are plain NumPy in float64. The predictor's weights are q * scale with q an integer
-of at most 8 bits and scale a float32: exact in float64, so the reference uses exactly the numbers
-the kernel reads, and the only differences are the kernel's float32 rounding.
+References are plain NumPy in float64. The predictor's weights are q * scale with q an int8 and
+scale a float32: exact in float64, so the reference uses exactly the numbers the kernel reads, and
+the only differences are the kernel's float32 rounding.
 
 Tolerances follow tests/test_kernels.py and tests/test_sparsity_modes.py: a float32 sum of n
 terms, in any order, is within (n - 1) u sum|terms| of the exact sum (u = 2**-24); we use
-n * eps32 = 2 n u. The predicted dot product sum_j scale_j * (sum_{k in group j} q_k x_k) has one
-rounding per product q_k x_k, G - 1 additions per group, one product by the scale and ng - 1
-additions of the ng = D / G group sums (G = D for one scale per row): at most G + ng + 1 <= 2 D
-roundings of terms bounded by |q_k scale_j x_k|, so D * eps32 * sum|wq_k x_k| bounds it, the same
-bound as the exact rows'.
+n * eps32 = 2 n u. The predicted dot product scale * (sum_k q_k x_k) has one rounding per
+product q_k x_k, D - 1 additions and one product by the scale: at most D + 1 <= 2 D roundings
+of terms bounded by |q_k scale x_k|, so D * eps32 * sum|wq_k x_k| bounds it, the same bound as
+the exact rows'.
 Activations: 8 eps32 (|act(g)| + |g|) (gelu's 1 + erf cancels for negative g, see
 test_sparsity_modes.py). Decisions (candidate or not, kept or not) are compared exactly except
 where the exact value lies within that rounding bound of the threshold (the "band"), and where
@@ -60,42 +55,7 @@ PROMPT = ["-p", "w5 w6 w7 w8"]
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
-QMAX = getattr(P, "QMAX", 7)              # |q| <= QMAX: 7 for int4, 127 for int8
-PACKED = QMAX == 7                        # int4: two values per byte, low nibble = even input, + 8
-Q_DTYPE = "uint8" if PACKED else "int8"   # the manifest's dtype of pred_q
-DEQUANT = getattr(K, "dequant_pred", None) or getattr(K, "dequant_int4")
-GROUPED = hasattr(P, "group_size")        # a scale per group of G inputs; otherwise one per row
-
-
-def quant(ffn: np.ndarray, group: int | None = None):
-    """P.quantize with the package's group size (what calibrate builds), or `group`."""
-    if not GROUPED:
-        return P.quantize(ffn)
-    return P.quantize(ffn, P.group_size(ffn.shape[2]) if group is None else group)
-
-
-def group_of(D: int, group: int | None = None) -> int:
-    if not GROUPED:
-        return D
-    return P.group_size(D) if group is None else group
-
-
-def scale_shape(N: int, D: int) -> tuple[int, ...]:
-    return (N, 2, D // P.group_size(D)) if GROUPED else (N, 2)
-
-
-def unpack_q(pq: np.ndarray) -> np.ndarray:
-    """The integers q [N, 2, D] (int64) stored in pq."""
-    if not PACKED:
-        return pq.astype(np.int64)
-    q = np.empty(pq.shape[:2] + (2 * pq.shape[2],), np.int64)
-    q[..., 0::2] = (pq & 15).astype(np.int64) - 8
-    q[..., 1::2] = (pq >> 4).astype(np.int64) - 8
-    return q
-
-
-def q_width(D: int) -> int:
-    return D // 2 if PACKED else D
+QMAX = 127                                # int8, symmetric: |q| <= 127, never -128
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -131,11 +91,8 @@ def assert_within(what: str, got, ref, tol) -> None:
 
 
 def exact_dequant(pq: np.ndarray, ps: np.ndarray) -> np.ndarray:
-    """q * scale in float64 (exact: an 8-bit integer times a float32), [N, 2, D]."""
-    q = unpack_q(pq).astype(np.float64)
-    N, _, D = q.shape
-    sc = ps.astype(np.float64).reshape(N, 2, -1)          # [N, 2, groups] (1 group: per row)
-    return (q.reshape(N, 2, sc.shape[2], -1) * sc[..., None]).reshape(N, 2, D)
+    """q * scale in float64 (exact: an int8 times a float32), [N, 2, D]."""
+    return pq.astype(np.float64) * ps.astype(np.float64)[..., None]
 
 
 class GLU:
@@ -179,7 +136,7 @@ def make_case(seed: int, N: int, D: int, S: int, dtype: str, predictor: str = "o
         warg, exact, src = w, w.astype(np.float64), w
     if predictor == "other":
         src = (rng.standard_normal((N, 3, D)) / math.sqrt(D)).astype(np.float32)
-    pq, ps = quant(src)
+    pq, ps = P.quantize(src)
     for a in (warg, pq, ps):
         a.setflags(write=False)          # read-only, like the package's mmaps
     X = (rng.standard_normal((S, D)) * 2.0).astype(np.float32)
@@ -188,12 +145,9 @@ def make_case(seed: int, N: int, D: int, S: int, dtype: str, predictor: str = "o
 
 
 def _scratch(C: int, N: int) -> tuple:
-    """The kernels' trailing scratch: kept [C], cand [C] and, in the version with a candidate list
-    per thread, order [C, >=N] int32; all filled with garbage that must not matter."""
-    kept, cand = np.full(C, -7, np.int64), np.full(C, -7, np.int64)
-    if K.ffn_predict_batch.py_func.__code__.co_argcount == 14:
-        return kept, cand, np.full((C, N + 3), -5, np.int32)
-    return kept, cand
+    """The kernels' trailing scratch: kept [C], cand [C] and the per-thread candidate lists
+    order [C, >=N] int32; all filled with garbage that must not matter."""
+    return np.full(C, -7, np.int64), np.full(C, -7, np.int64), np.full((C, N + 3), -5, np.int32)
 
 
 def run_batch(w, pq, ps, X, base, t_pred, thr, act, C, out=None):
@@ -227,64 +181,44 @@ def gap_threshold(values: np.ndarray, lo_q: float, hi_q: float) -> tuple[float, 
 
 
 # == 1. quantize / dequantize ========================================================================
-@pytest.mark.skipif(not GROUPED, reason="one scale per row: no group size")
-def test_group_size():
-    """The largest power of two <= P.GROUP dividing d_model (int4 packs pairs: an even one)."""
-    for d in (576, 960, 96, 48, 40, 20, 6, 2, 1, 7, 95):
-        ok = [g for g in (64, 32, 16, 8, 4, 2, 1) if g <= P.GROUP and d % g == 0 and (g % 2 == 0 or not PACKED)]
-        if ok:
-            assert P.group_size(d) == ok[0], d
-        else:
-            with pytest.raises(ValueError, match="odd"):
-                P.group_size(d)
-    assert P.group_size(576) == P.GROUP == (32 if PACKED else 64)
-
-
 def test_quantize_layout_by_hand():
-    """scale = max|w| / QMAX per group, q = round(w / scale); int4: two inputs per byte, low
-    nibble = even input, stored as q + 8; int8: q itself."""
+    """scale = max|w| / 127 per row, q = round(w / scale), stored as int8 q itself."""
+    assert P.QMAX == QMAX
     w = np.zeros((1, 3, 4), np.float32)
     w[0, 0] = [QMAX, -QMAX, 1.0, 0.0]                    # scale 1: q = w
     w[0, 1] = [0.5, -QMAX / 2, 2.0, -1.0]               # scale 0.5: q = 1, -QMAX, 4, -2
     w[0, 2] = 99.0                                       # the down row is not part of the predictor
-    pq, ps = quant(w)                                    # D = 4: one group per row
-    assert pq.dtype == np.dtype(Q_DTYPE) and ps.dtype == np.float32
-    assert pq.shape == (1, 2, q_width(4)) and ps.shape == scale_shape(1, 4)
-    np.testing.assert_array_equal(ps.reshape(2), [1.0, 0.5])
-    if PACKED:
-        np.testing.assert_array_equal(pq[0, 0], [15 | (1 << 4), 9 | (8 << 4)])
-        np.testing.assert_array_equal(pq[0, 1], [9 | (1 << 4), 12 | (6 << 4)])
-    else:
-        np.testing.assert_array_equal(pq[0], [[QMAX, -QMAX, 1, 0], [1, -QMAX, 4, -2]])
+    pq, ps = P.quantize(w)
+    assert pq.dtype == np.int8 and ps.dtype == np.float32
+    assert pq.shape == (1, 2, 4) and ps.shape == (1, 2)
+    np.testing.assert_array_equal(ps[0], [1.0, 0.5])
+    np.testing.assert_array_equal(pq[0], [[QMAX, -QMAX, 1, 0], [1, -QMAX, 4, -2]])
     np.testing.assert_array_equal(P.dequantize(pq, ps), w[:, :2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,D,group", [(37, 96, 32), (37, 20, None), (5, 6, None), (37, 96, 8), (5, 7, None)])
-def test_quantize_round_trip(N, D, group, dtype):
-    if PACKED and D % 2:
-        pytest.skip("int4 packs two inputs per byte: d_model must be even")
-    G = group_of(D, group)
-    rng = np.random.default_rng(N * D + G)
+@pytest.mark.parametrize("N,D", [(37, 96), (37, 20), (5, 6), (5, 7)])
+def test_quantize_round_trip(N, D, dtype):
+    rng = np.random.default_rng((N + 1) * D)
     w = (rng.standard_normal((N, 3, D)) / math.sqrt(D)).astype(np.float32)
-    w[3, 0, :G] = 0.0                        # an all-zero group: scale 0, dequantizes to 0
-    w[4, 1, :G] *= 1e-3                      # a group of tiny values with one outlier
-    w[4, 1, G // 2] = 3.0
+    w[3, 0] = 0.0                            # an all-zero row: scale 0, dequantizes to 0
+    w[4, 1] *= 1e-3                          # a row of tiny values with one outlier
+    w[4, 1, D // 2] = 3.0
     w[2, 1] *= 1e4                           # a large row
     w = w.astype(np.float16) if dtype == "float16" else w
     src = w.copy()
-    pq, ps = quant(w, group)
+    pq, ps = P.quantize(w)
     np.testing.assert_array_equal(w, src)    # input untouched
-    assert pq.shape == (N, 2, q_width(D)) and pq.dtype == np.dtype(Q_DTYPE) and pq.flags.c_contiguous
-    assert ps.shape == ((N, 2, D // G) if GROUPED else (N, 2)) and ps.dtype == np.float32 and ps.flags.c_contiguous
-    q = unpack_q(pq)
-    assert np.abs(q).max() <= QMAX                       # symmetric: int4 never uses -8, int8 never -128
-    wg = w[:, :2].astype(np.float32).reshape(N, 2, D // G, G)
-    np.testing.assert_array_equal(ps, (np.abs(wg).max(axis=3) / np.float32(QMAX)).reshape(ps.shape))
+    assert pq.shape == (N, 2, D) and pq.dtype == np.int8 and pq.flags.c_contiguous
+    assert ps.shape == (N, 2) and ps.dtype == np.float32 and ps.flags.c_contiguous
+    q = pq.astype(np.int64)
+    assert np.abs(q).max() <= QMAX                       # symmetric: never -128
+    wr = w[:, :2].astype(np.float32)
+    np.testing.assert_array_equal(ps, np.abs(wr).max(axis=2) / np.float32(QMAX))
     # the down row does not enter the predictor
     w2 = w.copy()
     w2[:, 2] = -w2[:, 2] + 1
-    pq2, ps2 = quant(w2, group)
+    pq2, ps2 = P.quantize(w2)
     np.testing.assert_array_equal(pq2, pq)
     np.testing.assert_array_equal(ps2, ps)
 
@@ -293,19 +227,18 @@ def test_quantize_round_trip(N, D, group, dtype):
     # Round trip: |q - w/s| <= 1/2 plus the rounding of w/s in float32 (|w/s| <= QMAX, so
     # <= (QMAX + 1) u), and q*s rounds once more (<= QMAX u s):
     # |deq - w| <= s/2 + (2 QMAX + 1) u s < s/2 + (QMAX + 1) eps32 s.
-    s = np.repeat(ps.astype(np.float64).reshape(N, 2, -1), G, axis=2)   # [N, 2, D]
+    s = np.repeat(ps.astype(np.float64)[..., None], D, axis=2)   # [N, 2, D]
     tol = s / 2 + (QMAX + 1) * EPS32 * s
     assert_within("quantize round trip", deq, w[:, :2].astype(np.float64), tol + 1e-300)
-    assert np.all(deq[3, 0, :G] == 0.0) and ps.reshape(N, 2, -1)[3, 0, 0] == 0.0
-    # symmetric full range: each group's largest |w| becomes +-QMAX * scale
-    qg = q.reshape(N, 2, D // G, G)
-    amax = np.abs(wg).argmax(axis=3)[..., None]
-    big = np.take_along_axis(np.abs(qg), amax, axis=3)[..., 0]
-    assert np.all((big == QMAX) | (ps.reshape(big.shape) == 0))
+    assert np.all(deq[3, 0] == 0.0) and ps[3, 0] == 0.0
+    # symmetric full range: each row's largest |w| becomes +-QMAX * scale
+    amax = np.abs(wr).argmax(axis=2)[..., None]
+    big = np.take_along_axis(np.abs(q), amax, axis=2)[..., 0]
+    assert np.all((big == QMAX) | (ps == 0))
     # the NumPy reference and the Numba kernel dequantize bit for bit
     out = np.full((N, 2, D), np.nan, np.float32)
-    DEQUANT(pq, ps, out)
-    print(f"{DEQUANT.__name__} vs dequantize: max|diff|", float(np.abs(out - deq).max()))
+    K.dequant_pred(pq, ps, out)
+    print("dequant_pred vs dequantize: max|diff|", float(np.abs(out - deq).max()))
     np.testing.assert_array_equal(out.view(np.uint32), deq.view(np.uint32))
     # and both are exactly q * scale
     np.testing.assert_array_equal(deq.astype(np.float64), np.float32(exact_dequant(pq, ps)))
@@ -887,12 +820,12 @@ def test_cli_calibrate_predictor_writes_the_predictor(pred_pkg, tiny_llama_pkg, 
     assert {k for k in before if after.get(k) != before[k]} == {"manifest.json"}
     for i, l in enumerate(m.layers):
         q, s = m.tensors[l.pred_q], m.tensors[l.pred_scale]
-        assert (q.dtype, q.shape, s.dtype, s.shape) == (Q_DTYPE, (N, 2, q_width(D)), "float32", scale_shape(N, D))
+        assert (q.dtype, q.shape, s.dtype, s.shape) == ("int8", (N, 2, D), "float32", (N, 2))
         assert q.file == s.file == f"{dirs[0]}/{i:03d}.bin"
     # the stored predictor is quantize() of the stored FFN rows
     pkg = Package(pred_pkg)
     for l, (pq, ps) in zip(m.layers, P.load(pkg)):
-        want_q, want_s = quant(pkg.tensor(l.ffn))
+        want_q, want_s = P.quantize(pkg.tensor(l.ffn))
         np.testing.assert_array_equal(pq, want_q)
         np.testing.assert_array_equal(ps, want_s)
     out, _ = run_ok(capsys, "verify", pred_pkg)
@@ -930,7 +863,7 @@ def test_calibrate_tabulates_the_given_predictor(tiny_llama_pkg):
     rt = Model(tiny_llama_pkg, ctx=128, max_batch=128)
     L, N, D = rt.cfg.n_layers, rt.cfg.ffn_dim, rt.cfg.d_model
     rng = np.random.default_rng(77)
-    pred = [quant((rng.standard_normal((N, 3, D)) / math.sqrt(D)).astype(np.float32)) for _ in range(L)]
+    pred = [P.quantize((rng.standard_normal((N, 3, D)) / math.sqrt(D)).astype(np.float32)) for _ in range(L)]
     ids = list(rng.integers(3, 211, 512))
     table = calibrate(rt, ids, tokens=512, window=128, progress=False, predictor=pred)
     assert set(table["thresholds"]) == {"paper", "gate", "input", "predicted"}
@@ -1112,22 +1045,15 @@ def _tensor(name: str, **kw):
     (_set(1, "pred_threshold", "0.1"), ["layers[1]", "pred_threshold"]),
     (_set(2, "pred_threshold", 10 ** 400), ["layers[2]", "pred_threshold"]),
     (_set(1, "pred_q", "layers.1.nope"), ["layers[1]", "layers.1.nope"]),
-    (_tensor("layers.1.pred_q", dtype="float32", file="ffn/001.bin", offset=0), ["layers.1.pred_q", Q_DTYPE]),
+    (_tensor("layers.1.pred_q", dtype="float32", file="ffn/001.bin", offset=0), ["layers.1.pred_q", "int8"]),
     (_tensor("layers.1.pred_q", shape=[136, 2, 24]), ["layers.1.pred_q", "[136, 2, 24]"]),
     (_tensor("layers.1.pred_scale", dtype="int32"), ["layers.1.pred_scale", "float32"]),
     (_tensor("layers.1.pred_scale", file="ffn/001.bin", offset=0, shape=[136, 2, 1, 3]),
      ["layers.1.pred_scale", "[136, 2, 1, 3]"]),
-    # 5 groups do not divide d_model = 96 (per row: not [N, 2] either); the enlarged tensors are
-    # moved into a file large enough for them, so that their shape is what is wrong
+    # not [N, 2]; the enlarged tensors are moved into a file large enough for them, so that their
+    # shape is what is wrong
     (_tensor("layers.1.pred_scale", file="ffn/001.bin", offset=0, shape=[136, 2, 5]),
      ["layers.1.pred_scale", "[136, 2, 5]"]),
-] + ([
-    # int4 only: group sizes 3 and 1 (odd) cannot be packed in pairs
-    (_tensor("layers.1.pred_scale", file="ffn/001.bin", offset=0, shape=[136, 2, 32]),
-     ["layers.1.pred_scale", "even group size", "[136, 2, 32]"]),
-    (_tensor("layers.1.pred_scale", file="ffn/001.bin", offset=0, shape=[136, 2, 96]),
-     ["layers.1.pred_scale", "even group size", "[136, 2, 96]"]),
-] if PACKED else []) + [
     (_tensor("layers.1.pred_scale", file="ffn/001.bin", offset=0, shape=[136, 1, 3]),
      ["layers.1.pred_scale", "[136, 1, 3]"]),
     (_set(1, "pred_q", "layers.1.ffn"), ["layers.1.ffn"]),
