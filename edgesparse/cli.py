@@ -183,9 +183,9 @@ def _analyze(a: argparse.Namespace) -> int:
     from edgesparse.runtime.textdata import load_text, token_windows
 
     level = _levels(str(a.sparsity), "--sparsity")[0]
-    window = 512
+    model = Model(a.package, threads=a.threads, ctx=512, max_batch=512)
+    window = model.ctx        # 512 tokens, or the whole context of a model with a shorter one
     analyze.check_tokens(a.tokens, window)
-    model = Model(a.package, threads=a.threads, ctx=window, max_batch=window)
     sp = model.pkg.manifest.sparsity
     t = thresholds_for(sp, "paper", level)
     tp = thresholds_for(sp, "predicted", level) if model.has_predictor else None

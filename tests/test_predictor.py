@@ -1085,3 +1085,50 @@ def test_manifest_pred_threshold_round_trips(pred_pkg, tmp_path):
     assert doc["layers"][0]["pred_threshold"] == 0.0 and doc["layers"][1]["pred_threshold"] == 2.0
     (pkg / "manifest.json").write_bytes(dump_manifest(m))
     assert read_manifest(pkg) == m
+
+
+# == 6. edgesparse analyze ===========================================================================
+def test_study_on_constructed_patterns():
+    """The predictability study on active sets built to have known answers: layer 0 keeps one
+    pattern per window (consecutive tokens and the previous-token predictor are perfect), layer 1
+    is independent coin flips (consecutive overlap = chance), and the predictor sets equal the
+    active sets (recall = precision = 1)."""
+    from edgesparse.runtime import analyze
+    rng = np.random.default_rng(5)
+    L, W, n, N = 2, 128, 4, 40     # windows longer than analyze.PROMPT, so the prompt set is studied
+    T = W * n
+    A = np.zeros((L, T, N), bool)
+    for w in range(n):
+        A[0, w * W:(w + 1) * W] = rng.random(N) < 0.5
+    A[1] = rng.random((T, N)) < 0.5
+    sig = rng.standard_normal((T // analyze.CHUNK, 8))
+    res = analyze.study(A, A.copy(), sig, W)
+    l0, l1 = res["per_layer"]
+    print("layer 0", {k: l0[k] for k in ("consecutive_jaccard", "random_pair_jaccard")},
+          "layer 1", {k: l1[k] for k in ("consecutive_jaccard", "random_pair_jaccard")})
+    assert l0["consecutive_jaccard"] == 1.0
+    assert l0["previous_token"] == {"recall": 1.0, "precision": 1.0,
+                                    "predicted_fraction": pytest.approx(A[0][np.arange(T) % W > 0].mean())}
+    # two independent halves: Jaccard of two p = 1/2 sets is 1/3 on average (T-1 pairs of 40 bits)
+    assert abs(l1["consecutive_jaccard"] - 1 / 3) < 0.03 and abs(l1["random_pair_jaccard"] - 1 / 3) < 0.03
+    for row in (l0, l1):
+        assert row["int8_predictor"]["recall"] == 1.0 and row["int8_predictor"]["precision"] == 1.0
+        for name in ("previous_token", "static", "prompt_set"):
+            assert 0.0 <= row[name]["recall"] <= 1.0 and 0.0 <= row[name]["precision"] <= 1.0
+    assert "previous_layer" in l1 and "previous_layer" not in l0
+    assert res["mean"]["int8_predictor"] == {"recall": 1.0, "precision": 1.0}
+
+
+def test_analyze_cli(pred_pkg, text_file, tmp_path, capsys):
+    """`edgesparse analyze` on the tiny package with its int8 predictor: JSON with every study per
+    layer, and the predictor recalls nearly all of the active set (it ranks like h itself)."""
+    out = tmp_path / "an"
+    stdout, _ = run_ok(capsys, "analyze", pred_pkg, "--text", text_file, "--tokens", 512, "-o", out, "-q")
+    res = json.loads((out / "analyze.json").read_text())
+    assert res["layers"] == 3 and res["tokens"] == 512 and len(res["per_layer"]) == 3
+    rec = [r["int8_predictor"]["recall"] for r in res["per_layer"]]
+    print("int8 predictor recall per layer", rec, "| active fraction", res["active_fraction"])
+    assert min(rec) > 0.9
+    assert all(abs(f - 0.5) < 0.1 for f in res["active_fraction"])   # 'active' = the calibrated 50% rule
+    assert "int8_predictor: recall / precision" in stdout and (out / "analyze.md").exists()
+    cli_error(capsys, ["analyze", pred_pkg, "--text", text_file, "--tokens", 100], "--tokens 100")
