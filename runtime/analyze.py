@@ -25,7 +25,7 @@ import numpy as np
 from edgesparse.errors import EdgesparseError
 
 from . import kernels as K
-from .progress import Progress
+from .calibrate import run_dense
 
 CHUNK = 32
 PROMPT = 64
@@ -41,40 +41,25 @@ def collect(model, windows: np.ndarray, thresholds, t_pred=None, progress: bool 
     P = np.zeros((L, T, N), bool) if t_pred is not None else None
     sig = np.zeros((T // CHUNK, cfg.d_model), np.float64)
     act = K.ACT_CODES[cfg.activation]
-    off = [0]
     wp = np.empty((N, 2, cfg.d_model), np.float32) if t_pred is not None else None
 
-    def observe(l, f, g, u):
+    def observe(l, off, f, g, u):
         S = g.shape[0]
         a = np.empty_like(g)
         K.activation(g, act, a)
-        A[l, off[0]:off[0] + S] = np.abs(a * u) >= thresholds[l]
+        A[l, off:off + S] = np.abs(a * u) >= thresholds[l]
         if P is not None:
             lw = model.layers[l]
             K.dequant_pred(lw.pred_q, lw.pred_scale, wp)
             gp = f @ wp[:, 0].T
             K.activation(gp, act, gp)
-            P[l, off[0]:off[0] + S] = np.abs(gp * (f @ wp[:, 1].T)) >= t_pred[l]
+            P[l, off:off + S] = np.abs(gp * (f @ wp[:, 1].T)) >= t_pred[l]
         if l == L // 2:
             n = S // CHUNK
-            c0 = off[0] // CHUNK
+            c0 = off // CHUNK
             sig[c0:c0 + n] = f[:n * CHUNK].reshape(n, CHUNK, -1).mean(1)
 
-    saved = model.thresholds.copy(), model.method, model.ffn_mode
-    model.set_thresholds(np.zeros(L, np.float32), "paper")
-    model.set_ffn_mode("dense")
-    model.observer = observe
-    bar = Progress(len(windows), "analyze", progress)
-    try:
-        for w in windows:
-            model.reset()
-            model.forward(w)
-            off[0] += w.size
-            bar.update()
-    finally:
-        model.observer = None
-        model.set_thresholds(saved[0], saved[1])
-        model.ffn_mode = saved[2]
+    run_dense(model, windows, observe, "analyze", progress)
     return A, P, sig
 
 

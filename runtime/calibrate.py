@@ -89,9 +89,7 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
     act = K.ACT_CODES[model.cfg.activation]
     h_buf = np.empty((window, model.cfg.ffn_dim), np.float32)
     a_buf = np.empty_like(h_buf)
-    offset = [0]
-
-    def observe(layer: int, f, g, u) -> None:
+    def observe(layer: int, offset: int, f, g, u) -> None:
         S = g.shape[0]
         a, h = a_buf[:S], h_buf[:S]
         K.activation(g, act, a)
@@ -106,21 +104,9 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
             K.activation(gp, act, gp)
             hist["predicted"].add(layer, gp * (f @ wp[:, 1].T))
         if dump is not None:
-            dump(layer, offset[0], h)
+            dump(layer, offset, h)
 
-    saved = model.thresholds.copy(), model.method
-    model.set_thresholds(np.zeros(L, np.float32), "paper")
-    model.observer = observe
-    bar = Progress(len(wins), "calibrate", progress)
-    try:
-        for w in wins:
-            model.reset()
-            model.forward(w)
-            offset[0] += w.size
-            bar.update()
-    finally:
-        model.observer = None
-        model.set_thresholds(saved[0], saved[1])
+    run_dense(model, wins, observe, "calibrate", progress)
     table = {"tokens": int(wins.size), "window": window, "levels": list(LEVELS),
              "thresholds": {}, "histograms": {}}
     for m in methods:
@@ -128,6 +114,28 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         table["thresholds"][m] = th
         table["histograms"][m] = hist[m].compact()
     return table
+
+
+def run_dense(model, windows, observe, what: str, progress: bool = True) -> None:
+    """Feed each window [W] of windows from position 0 through the dense model, calling
+    observe(layer, token_offset, ffn_in [S,D], gate [S,N], up [S,N]) at every layer (the BLAS
+    prefill path); the model's thresholds and FFN mode are restored afterwards."""
+    saved = model.thresholds.copy(), model.method, model.ffn_mode
+    model.set_thresholds(np.zeros(model.cfg.n_layers, np.float32), "paper")
+    model.set_ffn_mode("dense")
+    offset = 0
+    model.observer = lambda layer, f, g, u: observe(layer, offset, f, g, u)
+    bar = Progress(len(windows), what, progress)
+    try:
+        for w in windows:
+            model.reset()
+            model.forward(w)
+            offset += w.size
+            bar.update()
+    finally:
+        model.observer = None
+        model.set_thresholds(saved[0], saved[1])
+        model.ffn_mode = saved[2]
 
 
 def thresholds_for(sparsity: dict, method: str, level: float) -> list[float]:

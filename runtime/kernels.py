@@ -100,6 +100,16 @@ def _neuron_h(wi, x, act, thr, mode):
     return h, abs(h) >= thr
 
 
+@njit(inline="always")
+def _sum_partials(partial, base, out, s):
+    """out[s] = base[s] + the per-thread partial sums partial[:, s] (C of them, in order)."""
+    for k in range(out.shape[1]):
+        v = base[s, k]
+        for c in range(partial.shape[0]):
+            v += partial[c, s, k]
+        out[s, k] = v
+
+
 @njit(fastmath=True, cache=True)
 def ffn_glu(w, x, base, thr, act, out, h_out, partial, kept, mode=0):
     """Thresholded gated FFN for one token: out = base + FFN_t(x).
@@ -150,11 +160,7 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, kept, mode=0):
                         acc[s, k] += h * _ld(wi, 2, k)
         kept[c] = n
     for s in prange(S):
-        for k in range(D):
-            v = base[s, k]
-            for c in range(C):
-                v += partial[c, s, k]
-            out[s, k] = v
+        _sum_partials(partial, base, out, s)
     total = 0
     for c in range(C):
         total += kept[c]
@@ -387,11 +393,7 @@ def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial,
         kept[c] = n
         cand[c] = nc
     for s in prange(S):
-        for k in range(D):
-            v = base[s, k]
-            for c in range(C):
-                v += partial[c, s, k]
-            out[s, k] = v
+        _sum_partials(partial, base, out, s)
     tk = 0
     tc = 0
     for c in range(C):
