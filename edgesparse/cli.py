@@ -286,6 +286,17 @@ def _verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _text_command(sub, name: str, help: str, split: str, fn):
+    """A subcommand that runs a package over text: PKG --text ... [--threads K] [-q]."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("package")
+    p.add_argument("--text", required=True, help=f"text file, 'wikitext2' ({split} split) or hub dataset id")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgesparse", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"edgesparse {__version__}")
@@ -302,41 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibrate", metavar="TEXT", help="calibrate thresholds on TEXT after export")
     e.set_defaults(fn=_export)
 
-    c = sub.add_parser("calibrate", help="calibrate per-layer sparsity thresholds on text")
-    c.add_argument("package")
-    c.add_argument("--text", required=True, help="text file, 'wikitext2' (validation split) or hub dataset id")
+    c = _text_command(sub, "calibrate", "calibrate per-layer sparsity thresholds on text", "validation", _calibrate)
     c.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     c.add_argument("--method", default="paper", help="active method: paper (|h|), gate (CATS), input (TEAL)")
     c.add_argument("--target", default="0.5", help="active target sparsity (default 0.5)")
     c.add_argument("--dump", metavar="FILE.h5", help="write the dense activations h[layer, token, neuron]")
     c.add_argument("--predictor", action="store_true",
                    help="also build the activation predictor (int8 gate/up rows) and calibrate its thresholds")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("-q", "--quiet", action="store_true")
-    c.set_defaults(fn=_calibrate)
 
-    ev = sub.add_parser("eval", help="perplexity vs sparsity with the runtime")
-    ev.add_argument("package")
-    ev.add_argument("--text", required=True, help="text file, 'wikitext2' (test split) or hub dataset id")
+    ev = _text_command(sub, "eval", "perplexity vs sparsity with the runtime", "test", _eval)
     ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
     ev.add_argument("--windows", type=int, default=None, help="use the first N windows (default: all)")
     ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     ev.add_argument("--methods", default=None,
                     help="comma-separated: paper, gate, input, predict (default: every calibrated one)")
     ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
-    ev.add_argument("--threads", type=int, default=None)
-    ev.add_argument("-q", "--quiet", action="store_true")
-    ev.set_defaults(fn=_eval)
 
-    an = sub.add_parser("analyze", help="how predictable the active neurons are (per layer, JSON and plots)")
-    an.add_argument("package")
-    an.add_argument("--text", required=True, help="text file, 'wikitext2' (test split) or hub dataset id")
+    an = _text_command(sub, "analyze", "how predictable the active neurons are (per layer, JSON and plots)", "test",
+                       _analyze)
     an.add_argument("--tokens", type=int, default=4096, help="tokens to study (default 4096)")
     an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active' (default 0.5)")
     an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plot")
-    an.add_argument("--threads", type=int, default=None)
-    an.add_argument("-q", "--quiet", action="store_true")
-    an.set_defaults(fn=_analyze)
 
     r = sub.add_parser("run", help="generate text from a package (device)")
     r.add_argument("package")

@@ -145,9 +145,7 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, kept, mode=0):
         lo = c * N // C
         hi = (c + 1) * N // C
         acc = partial[c]
-        for s in range(S):
-            for k in range(D):
-                acc[s, k] = 0.0
+        acc[:S] = 0.0
         n = 0
         for i in range(lo, hi):
             wi = w[i]  # [3, D]
@@ -358,9 +356,7 @@ def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial,
         lo = c * N // C
         hi = (c + 1) * N // C
         acc = partial[c]
-        for s in range(S):
-            for k in range(D):
-                acc[s, k] = 0.0
+        acc[:S] = 0.0
         lst = order[c]
         m = 0
         nc = 0
