@@ -14,6 +14,12 @@ from .errors import PackageError
 # plain MLPs compute h = act(up.x + b) (fc1 is stored as "up", fc2 as "down").
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 NORMS = ("rms", "layer")
+# How a layer wires attention and FFN around the residual stream x (norms n1 = attn_norm,
+# n2 = ffn_norm; the optional "out" norms are Gemma's sandwich norms on each branch's output):
+#   pre       r = x + out1(attn(n1(x)));  x' = r + out2(FFN(n2(r)))      Llama, Qwen2, Gemma-3, OPT pre-LN
+#   parallel  u = n1(x);  x' = x + attn(u) + FFN(u)                      Phi-2 (GPT-J style)
+#   post      r = n1(x + attn(x));  x' = n2(r + FFN(r))                  OPT-350m (post-LN)
+BLOCKS = ("pre", "parallel", "post")
 
 
 @dataclass(frozen=True)
@@ -27,19 +33,26 @@ class ModelConfig:
     ffn_dim: int              # FFN neurons per layer
     vocab_size: int
     max_position: int         # longest context the rotary tables / position embeddings cover
-    norm: str                 # "rms" | "layer" (the final norm; layer norms live in the ONNX graphs)
+    norm: str                 # "rms" | "layer": every norm of the model (LayerNorm: weight and bias)
     norm_eps: float
     activation: str           # one of ACTIVATIONS
-    gated: bool               # SwiGLU/GeGLU (gate, up, down) vs plain MLP (up=fc1, down=fc2)
-    ffn_bias: bool            # up/down (and gate) biases present
+    gated: bool               # SwiGLU/GeGLU h = act(gate.x)*(up.x) vs plain MLP h = act(fc1.x + b)
+    ffn_bias: bool            # FFN input biases per neuron and an output bias [D] (OPT, Phi-2)
     tie_embeddings: bool      # lm_head shares the embedding matrix (stored once)
     embed_scale: float        # Gemma multiplies embeddings by sqrt(d_model); 1.0 elsewhere
+    block: str                # one of BLOCKS
+    rotary_dim: int           # dimensions of each head that get the rotary embedding; 0 = none
+    rope_long_after: int      # LongRoPE: past this many positions the "long" tables apply; 0 = one table
+    learned_positions: bool   # OPT: x += pos_embed[position]
+    embed_dim: int            # width of embed / lm_head rows; != d_model means project_in/out (OPT-350m)
+    final_norm: bool          # a norm before the lm_head (OPT post-LN has none)
+    head_bias: bool           # the lm_head has a bias (Phi-2)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                     "vocab_size", "max_position"):
+                     "vocab_size", "max_position", "embed_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise PackageError(f"config.{name}: expected a positive integer, got {v!r}")
@@ -52,6 +65,19 @@ class ModelConfig:
             raise PackageError(f"config.norm: expected one of {NORMS}, got {self.norm!r}")
         if self.activation not in ACTIVATIONS:
             raise PackageError(f"config.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.block not in BLOCKS:
+            raise PackageError(f"config.block: expected one of {BLOCKS}, got {self.block!r}")
+        for name in ("rotary_dim", "rope_long_after"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PackageError(f"config.{name}: expected an integer >= 0, got {v!r}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise PackageError(f"config.rotary_dim: expected an even number <= head_dim={self.head_dim}, "
+                               f"got {self.rotary_dim}")
+        if self.rotary_dim == 0 and not self.learned_positions:
+            raise PackageError("config: a model needs positions: rotary_dim > 0 or learned_positions")
+        if self.rope_long_after and not self.rotary_dim:
+            raise PackageError("config.rope_long_after: set without a rotary embedding (rotary_dim = 0)")
         if not (isinstance(self.norm_eps, float) and 0.0 < self.norm_eps < 1.0):
             raise PackageError(f"config.norm_eps: expected a float in (0, 1), got {self.norm_eps!r}")
 
@@ -73,7 +99,8 @@ class ModelConfig:
             raise PackageError(f"manifest 'config': unknown keys {unknown}")
         kw = dict(d)
         types = {"arch": str, "norm": str, "activation": str, "gated": bool, "ffn_bias": bool,
-                 "tie_embeddings": bool}
+                 "tie_embeddings": bool, "block": str, "learned_positions": bool, "final_norm": bool,
+                 "head_bias": bool}
         for k, t in types.items():
             if not isinstance(kw[k], t):
                 raise PackageError(f"manifest config.{k}: expected {t.__name__}, got {kw[k]!r}")
@@ -97,3 +124,8 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def ffn_rows(self) -> int:
+        """Vectors per neuron in the neuron-major FFN file: gate, up, down (gated) or fc1, fc2."""
+        return 3 if self.gated else 2

@@ -1,4 +1,4 @@
-"""The edgesparse package format, version 2: a directory with a manifest.
+"""The edgesparse package format, version 3: a directory with a manifest.
 
     PKG/
       manifest.json          format name + version, source, config, files, tensors, layers, sparsity
@@ -6,13 +6,16 @@
       attn/NNN.onnx          layer NNN's attention core for ONNX Runtime: rotary + KV cache + softmax(QK)V
                              on the packed q|k|v projection
       attn/NNN.bin           layer NNN's norms and q|k|v and o projections, raw, [out, in] row-major
-      ffn/NNN.bin            layer NNN's FFN, neuron-major [n_neurons, 3, d_model] (gate row, up row,
-                             down column of each neuron contiguous), little-endian, offset 0
+      ffn/NNN.bin            layer NNN's FFN, neuron-major [n_neurons, R, d_model] (gate row, up row,
+                             down column of each neuron contiguous; R = 2 for plain MLPs: fc1 row, fc2
+                             column), little-endian, offset 0
       embed.bin, head.bin, norm.bin, rope.bin   raw little-endian tensors
 
 Version 1 put the norms and projections inside the ONNX graph; version 2 moved them out to Numba
 (a matvec reads them at twice the bandwidth of ONNX Runtime's MatMul for one token, see
-docs/FORMAT.md). Version 1 packages are refused with a message to re-export.
+docs/FORMAT.md). Version 3 describes every architecture family (LayerNorm, biases, plain MLPs,
+parallel and post-norm blocks, per-layer rotary tables, learned positions) in the config and per
+layer tensor roles. Older packages are refused with a message to re-export.
 
 Every file is listed with its size and sha256; every raw tensor with file, dtype, shape and a
 page-aligned byte offset. Reading checks the cheap things (version, types, sizes, bounds) on
@@ -34,7 +37,7 @@ from .config import ModelConfig
 from .errors import PackageError
 
 FORMAT_NAME = "edgesparse"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PAGE = 4096  # raw tensor offsets are multiples of this so each tensor can be mmap'd page-aligned
 
@@ -67,25 +70,44 @@ class TensorEntry:
 
 # A layer's tensors by role (HF naming, mapped once at export): role -> required?
 LAYER_TENSORS = {"attn_norm": True, "qkv": True, "qkv_bias": False, "o": True, "o_bias": False,
-                 "ffn_norm": True, "ffn": True, "pred_q": False, "pred_scale": False}
+                 "ffn_norm": False, "ffn": True, "pred_q": False, "pred_scale": False,
+                 "attn_norm_bias": False, "ffn_norm_bias": False, "q_norm": False, "k_norm": False,
+                 "attn_out_norm": False, "ffn_out_norm": False, "ffn_bias_in": False, "ffn_bias_out": False,
+                 "rope_cos": False, "rope_sin": False, "rope_cos_long": False, "rope_sin_long": False}
+# Small tensors the kernels read as float32 whatever the storage dtype.
+FLOAT32_ROLES = ("attn_norm", "ffn_norm", "qkv_bias", "o_bias", "pred_scale", "attn_norm_bias", "ffn_norm_bias",
+                 "q_norm", "k_norm", "attn_out_norm", "ffn_out_norm", "ffn_bias_in", "ffn_bias_out",
+                 "rope_cos", "rope_sin", "rope_cos_long", "rope_sin_long")
 
 
 @dataclass(frozen=True)
 class LayerEntry:
     attention: str   # file path of the layer's ONNX graph (GroupQueryAttention)
-    ffn: str         # tensor name of the layer's neuron-major FFN weights [N, 3, D]
+    ffn: str         # tensor name of the layer's neuron-major FFN weights [N, R, D], R = config.ffn_rows
     threshold: float  # |h| < threshold is zeroed; 0.0 = dense
-    attn_norm: str = ""   # [D] input norm weight
+    attn_norm: str = ""   # [D] norm n1 (see config.BLOCKS)
     qkv: str = ""         # [(H + 2 Hkv) hd, D] packed q|k|v projection, [out, in]
     o: str = ""           # [D, H hd] output projection, [out, in]
-    ffn_norm: str = ""    # [D] post-attention norm weight
-    qkv_bias: str | None = None   # [(H + 2 Hkv) hd] (Qwen2)
+    ffn_norm: str | None = None   # [D] norm n2 (none in a parallel block)
+    qkv_bias: str | None = None   # [(H + 2 Hkv) hd] (Qwen2, Phi-2, OPT)
     o_bias: str | None = None     # [D]
     # The activation predictor (edgesparse calibrate --predictor): int8 copies of the gate and up
-    # rows, and the threshold on the predicted |h| that makes a neuron a candidate.
-    pred_q: str | None = None      # [N, 2, D] int8
-    pred_scale: str | None = None  # [N, 2] float32, one scale per row
+    # rows (fc1 for plain MLPs), and the threshold on the predicted |h| that makes a candidate.
+    pred_q: str | None = None      # [N, R-1, D] int8
+    pred_scale: str | None = None  # [N, R-1] float32, one scale per row
     pred_threshold: float | None = None
+    attn_norm_bias: str | None = None   # [D] LayerNorm biases
+    ffn_norm_bias: str | None = None    # [D]
+    q_norm: str | None = None           # [hd] RMS norm of each query head before rotary (Gemma-3)
+    k_norm: str | None = None           # [hd]
+    attn_out_norm: str | None = None    # [D] norm of the attention output before the residual add (Gemma-3)
+    ffn_out_norm: str | None = None     # [D] norm of the FFN output before the residual add (Gemma-3)
+    ffn_bias_in: str | None = None      # [N, R-1] per neuron: (gate, up) or fc1 bias
+    ffn_bias_out: str | None = None     # [D] down / fc2 bias
+    rope_cos: str | None = None         # [max_position, rotary_dim/2] this layer's rotary table
+    rope_sin: str | None = None         # (Gemma-3: local and global layers differ)
+    rope_cos_long: str | None = None    # LongRoPE tables for positions past config.rope_long_after
+    rope_sin_long: str | None = None
 
     def tensor_names(self) -> dict[str, str]:
         """role -> tensor name, for the roles this layer has."""
@@ -236,13 +258,29 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
 
 def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, tuple[int, ...]]:
     """The shape every tensor must have for this config: the kernels index by these numbers."""
-    shapes = {"embed": (c.vocab_size, c.d_model), "final_norm.weight": (c.d_model,)}
+    D, E, N, R = c.d_model, c.embed_dim, c.ffn_dim, c.ffn_rows
+    shapes = {"embed": (c.vocab_size, E)}
+    if c.final_norm:
+        shapes["final_norm.weight"] = (D,)
+        if c.norm == "layer":
+            shapes["final_norm.bias"] = (D,)
     if not c.tie_embeddings:
-        shapes["lm_head"] = (c.vocab_size, c.d_model)
-    D, q = c.d_model, c.n_heads * c.head_dim
+        shapes["lm_head"] = (c.vocab_size, E)
+    if c.head_bias:
+        shapes["lm_head.bias"] = (c.vocab_size,)
+    if c.learned_positions:
+        shapes["pos_embed"] = (c.max_position, D)
+    if E != D:
+        shapes["embed_proj_in"] = (D, E)
+        shapes["head_proj_out"] = (E, D)
+    q = c.n_heads * c.head_dim
     qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    rope = (c.max_position, c.rotary_dim // 2)
     per_role = {"attn_norm": (D,), "qkv": (qkv, D), "qkv_bias": (qkv,), "o": (D, q), "o_bias": (D,),
-                "ffn_norm": (D,), "ffn": (c.ffn_dim, 3, D), "pred_q": (c.ffn_dim, 2, D), "pred_scale": (c.ffn_dim, 2)}
+                "ffn_norm": (D,), "ffn": (N, R, D), "pred_q": (N, R - 1, D), "pred_scale": (N, R - 1),
+                "attn_norm_bias": (D,), "ffn_norm_bias": (D,), "q_norm": (c.head_dim,), "k_norm": (c.head_dim,),
+                "attn_out_norm": (D,), "ffn_out_norm": (D,), "ffn_bias_in": (N, R - 1), "ffn_bias_out": (D,),
+                "rope_cos": rope, "rope_sin": rope, "rope_cos_long": rope, "rope_sin_long": rope}
     for l in layers:
         for role, name in l.tensor_names().items():
             if name in shapes and shapes[name] != per_role[role]:
@@ -252,8 +290,29 @@ def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, 
     return shapes
 
 
+def _check_layer_roles(c: ModelConfig, l: LayerEntry, w: str) -> None:
+    """The optional roles a layer must (not) have for its config: one rule per config field."""
+    def need(role: str, want: bool, why: str) -> None:
+        if (getattr(l, role) is not None) != want:
+            raise PackageError(f"{w}: {role} must be {'present' if want else 'absent'} ({why})")
+    need("ffn_norm", c.block != "parallel", f"block={c.block!r}")
+    for role in ("attn_norm_bias", "ffn_norm_bias"):
+        if c.norm == "rms":
+            need(role, False, "RMS norms have no bias")
+    need("ffn_bias_in", c.ffn_bias, f"ffn_bias={c.ffn_bias}")
+    need("ffn_bias_out", c.ffn_bias, f"ffn_bias={c.ffn_bias}")
+    for role in ("rope_cos", "rope_sin"):
+        need(role, c.rotary_dim > 0, f"rotary_dim={c.rotary_dim}")
+    for role in ("rope_cos_long", "rope_sin_long"):
+        need(role, c.rope_long_after > 0, f"rope_long_after={c.rope_long_after}")
+    if (l.q_norm is None) != (l.k_norm is None):
+        raise PackageError(f"{w}: q_norm and k_norm come together or not at all")
+
+
 def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
     pred_q = {l.pred_q for l in layers if l.pred_q is not None}
+    for i, l in enumerate(layers):
+        _check_layer_roles(c, l, f"{where}: layers[{i}]")
     for name, shape in expected_shapes(c, layers, where).items():
         if name not in tensors:
             raise PackageError(f"{where}: tensor {name!r} is missing")
@@ -263,24 +322,16 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
         want = ("int8",) if name in pred_q else ("float32", "float16")
         if tensors[name].dtype not in want:
             raise PackageError(f"{where}: tensor {name!r} must be {' or '.join(want)}")
-    # Norm weights and biases are tiny and read as float32 by the kernels.
-    if tensors["final_norm.weight"].dtype != "float32":
-        raise PackageError(f"{where}: tensor 'final_norm.weight' must be float32, "
-                           f"got {tensors['final_norm.weight'].dtype}")
+    # Norm weights, biases and rotary tables are tiny and read as float32 by the kernels (and the
+    # rotary tables are bound as ONNX Runtime's float cos/sin caches).
+    for name in ("final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"):
+        if name in tensors and tensors[name].dtype != "float32":
+            raise PackageError(f"{where}: tensor {name!r} must be float32, got {tensors[name].dtype}")
     for l in layers:
-        for role in ("attn_norm", "ffn_norm", "qkv_bias", "o_bias", "pred_scale"):
+        for role in FLOAT32_ROLES:
             name = getattr(l, role)
             if name is not None and tensors[name].dtype != "float32":
                 raise PackageError(f"{where}: tensor {name!r} ({role}) must be float32, got {tensors[name].dtype}")
-    for name in ("rope.cos", "rope.sin"):
-        t = tensors.get(name)
-        if t is None:
-            raise PackageError(f"{where}: tensor {name!r} is missing")
-        if t.dtype != "float32":   # bound as ONNX Runtime's float cos/sin caches
-            raise PackageError(f"{where}: tensor {name!r} must be float32, got {t.dtype}")
-        if len(t.shape) != 2 or t.shape[0] != c.max_position or 2 * t.shape[1] > c.head_dim:
-            raise PackageError(f"{where}: tensor {name!r} has shape {list(t.shape)}, expected "
-                               f"[{c.max_position}, rotary_dim/2] with rotary_dim <= {c.head_dim}")
 
 
 def read_manifest(pkg: Path) -> Manifest:

@@ -10,7 +10,7 @@ import numpy as np
 from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
-from edgesparse.format import LayerEntry, Manifest
+from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
@@ -19,11 +19,13 @@ from .writer import PackageWriter
 STORAGE_DTYPES = ("float32", "float16")
 
 
-def rope_tables(cfg, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables [max_position, rotary_dim/2] for GroupQueryAttention.
 
     transformers' own rope init functions give inv_freq and the attention scaling for every rope
     type (default, linear, llama3, yarn, longrope, ...), so scaled variants need no code here.
+    seq_len: LongRoPE picks its short or long factors by the sequence length (long past
+    original_max_position_embeddings), as transformers' longrope_frequency_update does.
     """
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -33,25 +35,36 @@ def rope_tables(cfg, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
         raise EdgesparseError("rope_scaling 'dynamic' changes with sequence length; not supported")
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise EdgesparseError(f"rope_scaling type {rope_type!r} is not supported")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    fn = ROPE_INIT_FUNCTIONS[rope_type]
+    inv_freq, scaling = fn(cfg, torch.device("cpu")) if seq_len is None else fn(cfg, torch.device("cpu"), seq_len)
     pos = torch.arange(cfg.max_position_embeddings, dtype=torch.int64).float()
     freqs = torch.outer(pos, inv_freq.float())          # [P, rot/2]
     return ((freqs.cos() * scaling).numpy().astype(np.float32),
             (freqs.sin() * scaling).numpy().astype(np.float32))
 
 
-def model_config(arch: archs.Arch, cfg, tok) -> ModelConfig:
+def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
+    """g: arch.extract_globals(hf), which says which optional global tensors the model has."""
     eos = cfg.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
+    ffn0 = arch.extract_ffn(arch.layer_modules(hf)[0])
     return ModelConfig(
         arch=arch.name, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
-        n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=arch.head_dim(cfg),
-        ffn_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size, max_position=cfg.max_position_embeddings,
-        norm=arch.norm, norm_eps=arch.norm_eps(cfg), activation=arch.activation(cfg), gated=True,
-        ffn_bias=False, tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        embed_scale=arch.embed_scale(cfg), bos_token_id=tok.bos_token_id, eos_token_ids=tuple(eos))
+        n_heads=cfg.num_attention_heads, n_kv_heads=arch.n_kv_heads(cfg), head_dim=arch.head_dim(cfg),
+        ffn_dim=arch.ffn_dim(cfg), vocab_size=cfg.vocab_size, max_position=cfg.max_position_embeddings,
+        norm=arch.norm, norm_eps=arch.norm_eps(cfg), activation=arch.activation(cfg), gated=arch.gated,
+        ffn_bias="ffn_bias_in" in ffn0, tie_embeddings="lm_head" not in g,
+        embed_scale=arch.embed_scale(cfg), bos_token_id=tok.bos_token_id, eos_token_ids=tuple(eos),
+        block=arch.block_for(cfg), rotary_dim=arch.rotary_dim(cfg), rope_long_after=arch.rope_long_after(cfg),
+        learned_positions="pos_embed" in g, embed_dim=arch.embed_dim(cfg), final_norm="final_norm.weight" in g,
+        head_bias="lm_head.bias" in g)
+
+
+# Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,
+# positions (tiny, and every activation passes through them).
+_KEEP_FLOAT32 = set(FLOAT32_ROLES) | {"final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"}
 
 
 def export(model: str | None, out: Path, dtype: str = "float32", force: bool = False,
@@ -65,43 +78,50 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
     src = source.resolve(model)
     cfg = source.load_config(src)
     arch = archs.lookup(cfg.model_type)          # before loading weights: fail fast
+    arch.check(cfg)
     tok = source.load_tokenizer(src)
     hf = source.load_model(src, cfg)
-    mc = model_config(arch, cfg, tok)
+    g = arch.extract_globals(hf)
+    mc = model_config(arch, cfg, tok, hf, g)
+    st = lambda role: "float32" if role in _KEEP_FLOAT32 else dtype  # noqa: E731
 
     with PackageWriter(out, force) as w:
         layers = []
+        ropes: set[str] = set()     # rotary tables written so far (Gemma-3 has a local and a global one)
+        rope_tensors = []
         mods = arch.layer_modules(hf)
         for l, mod in enumerate(tqdm(mods, desc="export layers", unit="layer", disable=not progress,
                                      file=sys.stderr)):
-            aw = arch.extract_attention(mod)
-            if aw.in_norm_bias is not None or aw.post_norm_bias is not None:
-                raise EdgesparseError(f"{arch.name}: LayerNorm with bias is not supported by this exporter yet")
             graph = build_attention_graph(arch.attention_spec(cfg, l), l)
             w.blob(f"attn/{l:03d}.onnx", graph.SerializeToString(), "onnx")
             p = f"layers.{l}."
-            # Norms and biases stay float32 (tiny, and the norm scales every activation).
-            tensors = [(p + "attn_norm", aw.in_norm, "float32"), (p + "qkv", aw.w_qkv, dtype),
-                       (p + "o", aw.w_o, dtype), (p + "ffn_norm", aw.post_norm, "float32")]
-            biases = {}
-            for role, b in (("qkv_bias", aw.b_qkv), ("o_bias", aw.b_o)):
-                if b is not None:
-                    tensors.append((p + role, b, "float32"))
-                    biases[role] = p + role
-            w.raw(f"attn/{l:03d}.bin", tensors)
-            w.raw(f"ffn/{l:03d}.bin", [(p + "ffn", arch.extract_ffn(mod), dtype)])
-            layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", ffn=p + "ffn", threshold=0.0,
-                                     attn_norm=p + "attn_norm", qkv=p + "qkv", o=p + "o",
-                                     ffn_norm=p + "ffn_norm", **biases))
-        embed = hf.get_input_embeddings().weight.detach().float().numpy()     # [V, D]
-        w.raw("embed.bin", [("embed", embed, dtype)])
-        if not mc.tie_embeddings:
-            head = hf.get_output_embeddings().weight.detach().float().numpy()  # [V, D]
-            w.raw("head.bin", [("lm_head", head, dtype)])
-        # The final norm and rotary tables are tiny and precision-sensitive: always float32.
-        w.raw("norm.bin", [("final_norm.weight", arch.extract_final_norm(hf), "float32")])
-        cos, sin = rope_tables(cfg, mc.head_dim)
-        w.raw("rope.bin", [("rope.cos", cos, "float32"), ("rope.sin", sin, "float32")])
+            t = arch.extract_layer(mod)
+            ffn_roles = ("ffn", "ffn_bias_in", "ffn_bias_out")
+            w.raw(f"attn/{l:03d}.bin", [(p + r, a, st(r)) for r, a in t.items() if r not in ffn_roles])
+            w.raw(f"ffn/{l:03d}.bin", [(p + r, t[r], st(r)) for r in ffn_roles if r in t])
+            names = {r: p + r for r in t}
+            if mc.rotary_dim:
+                table, rcfg = arch.rope_config(cfg, l)
+                if table not in ropes:
+                    cos, sin = rope_tables(rcfg)
+                    rope_tensors += [(table + ".cos", cos, "float32"), (table + ".sin", sin, "float32")]
+                    if mc.rope_long_after:
+                        cos, sin = rope_tables(rcfg, seq_len=mc.rope_long_after + 1)
+                        rope_tensors += [(table + ".long.cos", cos, "float32"), (table + ".long.sin", sin, "float32")]
+                    ropes.add(table)
+                names.update(rope_cos=table + ".cos", rope_sin=table + ".sin")
+                if mc.rope_long_after:
+                    names.update(rope_cos_long=table + ".long.cos", rope_sin_long=table + ".long.sin")
+            layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", threshold=0.0, **names))
+        w.raw("embed.bin", [(n, g[n], st(n)) for n in ("embed", "pos_embed", "embed_proj_in") if n in g])
+        head = [n for n in ("lm_head", "lm_head.bias", "head_proj_out") if n in g]
+        if head:
+            w.raw("head.bin", [(n, g[n], st(n)) for n in head])
+        norm = [n for n in ("final_norm.weight", "final_norm.bias") if n in g]
+        if norm:
+            w.raw("norm.bin", [(n, g[n], "float32") for n in norm])
+        if rope_tensors:
+            w.raw("rope.bin", rope_tensors)
         w.blob("tokenizer.json", tok.backend_tokenizer.to_str().encode("utf-8"), "tokenizer")
         manifest = Manifest(
             config=mc, source=src.describe(),

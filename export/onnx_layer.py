@@ -8,9 +8,10 @@ rotary embedding itself from cos/sin tables. A torch.onnx / optimum export produ
 `present = Concat(past, new)` pattern, which copies the whole cache every token. This is the route
 onnxruntime-genai's model builder takes for the same reason.
 
-What is in the graph and what is not (format v2). A layer is
+What is in the graph and what is not (format v2 and later). A (pre-norm) layer is
 
-    hidden [S,D] ─► RMSNorm(γ_in) ─► W_qkv (+b) ─► qkv [S,(H+2Hkv)·hd]          Numba
+    hidden [S,D] ─► norm(γ_in) ─► W_qkv (+b) ─► qkv [S,(H+2Hkv)·hd]             Numba
+                                                 (─► per-head q/k norm, Gemma-3)
                                                       │
                   past_key/value [1,Hkv,T,hd] (shared with present_*),
                   seqlens_k [1] (= total-1), total_seq_len [], cos/sin [P,rot/2]
@@ -18,8 +19,10 @@ What is in the graph and what is not (format v2). A layer is
                           GroupQueryAttention(packed qkv, do_rotary, local_window)  ONNX Runtime
                                                       │ attn [S,H·hd]
                                                       ▼
-    residual = hidden + W_o attn (+b) ─► RMSNorm(γ_post) ─► ffn_in               Numba
+    residual = hidden + W_o attn (+b) ─► norm(γ_post) ─► ffn_in                  Numba
     hidden'  = residual + FFN_t(ffn_in)                                          Numba (sparse)
+
+(parallel and post-norm blocks rewire the same pieces; see edgesparse/config.py BLOCKS.)
 
 Format v1 had the norms and both projections in the graph too. For one token ONNX Runtime's
 MatMul read SmolLM2's 30 layers of q|k|v and o weights (106 MB) in 5.3 ms on 2 threads, a Numba
@@ -48,40 +51,34 @@ class AttentionSpec:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    norm: str               # "rms" | "layer"
-    norm_eps: float
     scale: float            # softmax scale (1/sqrt(hd) for most models)
     local_window: int = -1  # sliding-window size in tokens, -1 = full causal attention
+    rotary_dim: int = 0     # rotated dimensions of each head; 0: no rotary (learned positions, OPT)
     rotary_interleaved: bool = False
-
-
-@dataclass
-class AttentionWeights:
-    # Linear weights in nn.Linear's layout [out, in]: each output is one contiguous row, which is
-    # what the decode matvec streams through.
-    in_norm: np.ndarray             # [D]
-    post_norm: np.ndarray           # [D]
-    w_qkv: np.ndarray               # [(H+2Hkv)·hd, D]  q rows, then k rows, then v rows
-    w_o: np.ndarray                 # [D, H·hd]
-    in_norm_bias: np.ndarray | None = None   # [D] (LayerNorm models)
-    post_norm_bias: np.ndarray | None = None  # [D]
-    b_qkv: np.ndarray | None = None  # [(H+2Hkv)·hd] (Qwen2)
-    b_o: np.ndarray | None = None    # [D]
 
 
 def build_attention_graph(spec: AttentionSpec, layer: int) -> onnx.ModelProto:
     """One layer's GroupQueryAttention as an ONNX model: qkv [1,S,(H+2Hkv)·hd] -> attn [1,S,H·hd].
-    Weightless; layers differ only in their KV buffers and (Mistral, Qwen2) their window."""
+    Weightless; layers differ only in their KV buffers, window and rotary tables. The rotary
+    dimension is the cos/sin tables' width x 2: ORT rotates the first rotary_dim dimensions of each
+    head and passes the rest through, which is partial rotary (Phi-2) as transformers does it."""
     H, Hkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     if hd % 8:
         # ORT's CPU GroupQueryAttention kernel rejects other head sizes at run time.
         raise EdgesparseError(f"head_dim {hd}: ONNX Runtime's GroupQueryAttention needs a multiple of 8")
+    if spec.rotary_dim % 16:
+        # ... and rotates only multiples of 16 dimensions ("cos_cache dimension 1 must be <=
+        # head_size / 2 and a multiple of 8"): Phi-2 rotates 32 of 80, every full-rotary model here
+        # a head_dim that is a multiple of 16.
+        raise EdgesparseError(f"rotary dimension {spec.rotary_dim}: ONNX Runtime's GroupQueryAttention "
+                              "needs a multiple of 16")
     f32 = TensorProto.FLOAT
+    rope = ["cos_cache", "sin_cache"] if spec.rotary_dim else []
     node = helper.make_node(
         "GroupQueryAttention",
-        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_seq_len", "cos_cache", "sin_cache"],
+        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_seq_len"] + rope,
         ["attn", "present_key", "present_value"],
-        domain=MS, num_heads=H, kv_num_heads=Hkv, scale=float(spec.scale), do_rotary=1,
+        domain=MS, num_heads=H, kv_num_heads=Hkv, scale=float(spec.scale), do_rotary=int(spec.rotary_dim > 0),
         rotary_interleaved=int(spec.rotary_interleaved), local_window_size=int(spec.local_window))
     S, T = "seq", "max_ctx"
     inputs = [
@@ -90,9 +87,7 @@ def build_attention_graph(spec: AttentionSpec, layer: int) -> onnx.ModelProto:
         helper.make_tensor_value_info("past_value", f32, [1, Hkv, T, hd]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []),
-        helper.make_tensor_value_info("cos_cache", f32, ["max_pos", "rot_half"]),
-        helper.make_tensor_value_info("sin_cache", f32, ["max_pos", "rot_half"]),
-    ]
+    ] + [helper.make_tensor_value_info(n, f32, ["max_pos", "rot_half"]) for n in rope]
     outputs = [
         helper.make_tensor_value_info("attn", f32, [1, S, H * hd]),
         helper.make_tensor_value_info("present_key", f32, [1, Hkv, T, hd]),

@@ -26,6 +26,7 @@ from edgesparse.errors import EdgesparseError
 
 from . import kernels as K
 from .calibrate import run_dense
+from .predictor import predicted_gate_up
 
 CHUNK = 32
 PROMPT = 64
@@ -41,7 +42,7 @@ def collect(model, windows: np.ndarray, thresholds, t_pred=None, progress: bool 
     P = np.zeros((L, T, N), bool) if t_pred is not None else None
     sig = np.zeros((T // CHUNK, cfg.d_model), np.float64)
     act = K.ACT_CODES[cfg.activation]
-    wp = np.empty((N, 2, cfg.d_model), np.float32) if t_pred is not None else None
+    wp = np.empty((N, cfg.ffn_rows - 1, cfg.d_model), np.float32) if t_pred is not None else None
 
     def observe(l, off, f, g, u):
         S = g.shape[0]
@@ -50,10 +51,9 @@ def collect(model, windows: np.ndarray, thresholds, t_pred=None, progress: bool 
         A[l, off:off + S] = np.abs(a * u) >= thresholds[l]
         if P is not None:
             lw = model.layers[l]
-            K.dequant_pred(lw.pred_q, lw.pred_scale, wp)
-            gp = f @ wp[:, 0].T
+            gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, f, wp)
             K.activation(gp, act, gp)
-            P[l, off:off + S] = np.abs(gp * (f @ wp[:, 1].T)) >= t_pred[l]
+            P[l, off:off + S] = np.abs(gp if up is None else gp * up) >= t_pred[l]
         if l == L // 2:
             n = S // CHUNK
             c0 = off // CHUNK

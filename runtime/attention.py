@@ -45,8 +45,23 @@ class AttentionStack:
         cfg = pkg.config
         self.ctx, self.small = ctx, small
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
-        self.cos = np.ascontiguousarray(pkg.tensor("rope.cos")[:ctx])   # [T, rot/2]
-        self.sin = np.ascontiguousarray(pkg.tensor("rope.sin")[:ctx])
+        # Rotary tables, one (cos, sin) pair [T, rot/2] per distinct table (Gemma-3: local and
+        # global). LongRoPE (rope_long_after > 0): the buffers hold the short or the long tables,
+        # copied in when a step crosses the boundary, as transformers switches its inv_freq by the
+        # sequence length (keys already cached keep the rotation they were stored with, there too).
+        self.long_after = cfg.rope_long_after
+        self._long = False
+        self.rope: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._rope_src: dict[str, tuple] = {}
+        for layer in pkg.manifest.layers:
+            if layer.rope_cos is not None and layer.rope_cos not in self.rope:
+                c, s_ = pkg.tensor(layer.rope_cos)[:ctx], pkg.tensor(layer.rope_sin)[:ctx]
+                # copies: the package's tables are read-only maps, and LongRoPE rewrites these
+                self.rope[layer.rope_cos] = (np.array(c, np.float32), np.array(s_, np.float32))
+                if self.long_after:
+                    self._rope_src[layer.rope_cos] = (c, s_, pkg.tensor(layer.rope_cos_long)[:ctx],
+                                                      pkg.tensor(layer.rope_sin_long)[:ctx])
+        self._layer_rope = [layer.rope_cos for layer in pkg.manifest.layers]
         # np.zeros maps fresh zero pages: the cache costs RAM only as positions get written.
         self.k = [np.zeros((1, Hkv, ctx, hd), np.float32) for _ in range(cfg.n_layers)]
         self.v = [np.zeros((1, Hkv, ctx, hd), np.float32) for _ in range(cfg.n_layers)]
@@ -96,8 +111,10 @@ class AttentionStack:
         self._bind(io, "present_value", self.v[l], output=True)
         self._bind(io, "seqlens_k", self.seqlens_k)
         self._bind(io, "total_seq_len", self.total)
-        self._bind(io, "cos_cache", self.cos)
-        self._bind(io, "sin_cache", self.sin)
+        if self._layer_rope[l] is not None:
+            cos, sin = self.rope[self._layer_rope[l]]
+            self._bind(io, "cos_cache", cos)
+            self._bind(io, "sin_cache", sin)
 
     def bind_tokens(self, s: int) -> None:
         """(Re)bind the per-token buffers for a step of s tokens. Views of the leading s rows of
@@ -117,6 +134,12 @@ class AttentionStack:
     def set_position(self, past: int, s: int) -> None:
         """Next run processes s tokens at positions past .. past+s-1."""
         self.bind_tokens(s)
+        if self.long_after and (past + s > self.long_after) != self._long:
+            self._long = not self._long
+            for name, (cs, ss, cl, sl) in self._rope_src.items():
+                cos, sin = self.rope[name]
+                cos[:] = cl if self._long else cs
+                sin[:] = sl if self._long else ss
         self.seqlens_k[0] = past + s - 1
         self.total[()] = past + s
 

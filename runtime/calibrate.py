@@ -78,6 +78,7 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
     predictor: optional list per layer of (pq, ps) int8 predictor arrays to tabulate |h^| for."""
     from .textdata import token_windows
     from . import kernels as K
+    from .predictor import predicted_gate_up
     if window <= 64:
         raise EdgesparseError(f"calibration window {window}: must be more than 64 tokens")
     if tokens < window:
@@ -98,11 +99,11 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         hist["gate"].add(layer, a)
         hist["input"].add(layer, f)
         if predictor is not None:
-            wp = np.empty((g.shape[1], 2, f.shape[1]), np.float32)     # [N, 2, D]
-            K.dequant_pred(*predictor[layer], wp)
-            gp = f @ wp[:, 0].T                                      # [S, N]
+            lw = model.layers[layer]
+            wp = np.empty((g.shape[1], lw.ffn.shape[1] - 1, f.shape[1]), np.float32)     # [N, R-1, D]
+            gp, up = predicted_gate_up(*predictor[layer], lw.ffn_bias_in, f, wp)        # [S, N]
             K.activation(gp, act, gp)
-            hist["predicted"].add(layer, gp * (f @ wp[:, 1].T))
+            hist["predicted"].add(layer, gp if up is None else gp * up)
         if dump is not None:
             dump(layer, offset, h)
 

@@ -48,12 +48,13 @@ def evaluate(model, windows: np.ndarray, methods: list[str], levels: list[float]
             mean = float(np.mean(achieved))
             # paper/gate zero whole neurons: gate, up and down rows all skippable. input zeroes
             # FFN input entries: their columns of gate and up (2/3 of the bytes); down stays dense.
-            skip = mean if method != "input" else mean * 2.0 / 3.0
+            R = model.cfg.ffn_rows
+            skip = mean if method != "input" else mean * (R - 1) / R
             extra = {}
             if method == "predict":
-                # rows actually read: gate and up of candidates, down of survivors
+                # rows actually read: gate and up (fc1) of candidates, down of survivors
                 cand = model.counts[:, 2].astype(np.float64)
-                read = (2 * cand + kept) / (3 * np.maximum(total, 1))
+                read = ((R - 1) * cand + kept) / (R * np.maximum(total, 1))
                 skip = float(1.0 - read.mean())
                 extra = {"candidates_per_layer": (cand / np.maximum(total, 1)).tolist(),
                          "rows_read_per_layer": read.tolist()}

@@ -24,7 +24,7 @@ class RunStats:
     latency_p90_ms: float
     peak_rss_mb: float
     ffn_rows_read_per_token: float   # gate rows + up rows + down columns, summed over layers
-    ffn_rows_total: int              # 3 * n_neurons * n_layers
+    ffn_rows_total: int              # R * n_neurons * n_layers (R = 3 gated, 2 plain MLP)
     ffn_rows_read_fraction: float
     threads: int
 
@@ -71,13 +71,14 @@ def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler
         lat.append(time.perf_counter() - t)
     lat_ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
     L, N = cfg.n_layers, cfg.ffn_dim
+    total = cfg.ffn_rows * N * L
     rows = float(np.mean(model.stats.ffn_rows)) if model.stats.ffn_rows else float("nan")
     stats = RunStats(
         prompt_tokens=len(prompt_ids), generated_tokens=len(out), prefill_ms=t_prefill * 1e3,
         decode_tokens_per_s=(len(lat) / sum(lat)) if lat else float("nan"),
         latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p90_ms=float(np.percentile(lat_ms, 90)),
-        peak_rss_mb=peak_rss_mb(), ffn_rows_read_per_token=float(rows), ffn_rows_total=3 * N * L,
-        ffn_rows_read_fraction=float(rows / (3 * N * L)), threads=model.threads)
+        peak_rss_mb=peak_rss_mb(), ffn_rows_read_per_token=float(rows), ffn_rows_total=total,
+        ffn_rows_read_fraction=float(rows / total), threads=model.threads)
     return out, stats
 
 

@@ -1,9 +1,12 @@
 """Numba kernels. Plain arrays and scalars in, results written into caller-owned buffers.
 
 Conventions: x is the FFN input of one token [D]; the FFN weights are neuron-major
-w [N, 3, D] (row 0 = gate, row 1 = up, row 2 = the neuron's column of down), so one neuron's
-three vectors are contiguous (3·D·4 bytes = 6.9 KB for SmolLM2) and a skipped neuron costs no
-read at all. float16 weights arrive as their uint16 bit patterns (Numba has no CPU float16)
+w [N, R, D] (gated, R = 3: row 0 = gate, row 1 = up, row 2 = the neuron's column of down), so one
+neuron's vectors are contiguous (3·D·4 bytes = 6.9 KB for SmolLM2) and a skipped neuron costs no
+read at all. Plain MLPs (OPT, Phi-2) have R = 2: fc1 row in the gate's place, fc2 column, and
+h = act(fc1.x + b), i.e. a gated FFN whose up is 1. bias b [N, R-1] holds each neuron's input
+biases (shape [0, R-1] when the model has none). A neuron with h == 0 exactly (ReLU's natural
+zeros) never reads its down column, whatever the threshold: skipping it changes nothing. float16 weights arrive as their uint16 bit patterns (Numba has no CPU float16)
 and are widened to float32 as they are loaded (_h2f: LLVM half -> float, vcvtph2ps / fcvt);
 accumulation is always float32.
 
@@ -76,28 +79,40 @@ def _ld1_impl(a, k):
 
 
 @njit(inline="always", fastmath=True)
-def _neuron_h(wi, x, act, thr, mode):
-    """(h, keep) for one neuron's rows wi [3, D]: h = act(gate.x) * (up.x) and whether it
-    survives the threshold. Decode and small-batch prefill both call this, so for the same input
-    they compute the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)|
-    is below t never reads its up row (h is reported as 0)."""
+def _neuron_h(wi, b, i, x, act, thr, mode):
+    """(h, keep) for neuron i with rows wi [R, D] and input biases b [N, R-1] (or [0, ·]):
+    h = act(gate.x) * (up.x) (R = 3) or act(fc1.x) (R = 2), and whether it survives the
+    threshold. Decode and small-batch prefill both call this, so for the same input they compute
+    the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)| is below t
+    never reads its up row (h is reported as 0)."""
     g = np.float32(0.0)
     u = np.float32(0.0)
-    if mode == 1:
+    gated = wi.shape[0] == 3
+    if mode == 1 or not gated:
         for k in range(x.shape[0]):
             g += _ld(wi, 0, k) * x[k]
+        if b.shape[0] > 0:
+            g += b[i, 0]
         a = _act(act, g)
+        if not gated:
+            return a, a != 0.0 and abs(a) >= thr
         if not abs(a) >= thr:
             return np.float32(0.0), False
         for k in range(x.shape[0]):
             u += _ld(wi, 1, k) * x[k]
-        return a * u, True
+        if b.shape[0] > 0:
+            u += b[i, 1]
+        h = a * u
+        return h, h != 0.0
     # One pass for both dot products: two independent accumulator chains over the same x loads.
     for k in range(x.shape[0]):
         g += _ld(wi, 0, k) * x[k]
         u += _ld(wi, 1, k) * x[k]
+    if b.shape[0] > 0:
+        g += b[i, 0]
+        u += b[i, 1]
     h = _act(act, g) * u
-    return h, abs(h) >= thr
+    return h, h != 0.0 and abs(h) >= thr
 
 
 @njit(inline="always")
@@ -111,34 +126,35 @@ def _sum_partials(partial, base, out, s):
 
 
 @njit(fastmath=True, cache=True)
-def ffn_glu(w, x, base, thr, act, out, h_out, partial, kept, mode=0):
-    """Thresholded gated FFN for one token: out = base + FFN_t(x).
+def ffn_glu(w, b, x, base, thr, act, out, h_out, partial, kept, mode=0):
+    """Thresholded FFN for one token: out = base + FFN_t(x).
 
-    w:       [N, 3, D] float32 (or uint16 float16 bits) neuron-major weights (mmap'd, read-only)
+    w:       [N, R, D] float32 (or uint16 float16 bits) neuron-major weights (mmap'd, read-only)
+    b:       [N, R-1] float32 input biases, or shape [0, R-1]
     x:       [D] float32 FFN input (post-attention norm)
     thr:     float32 threshold t: neurons with |h| < t are zeroed and their down column not read
     act:     activation code (ACT_CODES)
     base:    [D] float32 residual stream entering the FFN (may be the same array as out)
-    out:     [D] float32; out = base + sum_{|h_i|>=t} h_i * w[i, 2]
+    out:     [D] float32; out = base + sum_{|h_i|>=t} h_i * w[i, R-1]
     h_out:   [N] float32, every neuron's h = act(gate.x) * (up.x) before thresholding
     partial: [C, D] float32 per-chunk accumulators (C = thread chunks), scratch
     kept:    [C] int64 scratch; returns the number of neurons kept
     """
     # One token is the S = 1 case of ffn_glu_batch: one code path for decode and short prefill.
     D = x.shape[0]
-    return ffn_glu_batch(w, x.reshape((1, D)), base.reshape((1, D)), thr, act, out.reshape((1, D)),
+    return ffn_glu_batch(w, b, x.reshape((1, D)), base.reshape((1, D)), thr, act, out.reshape((1, D)),
                          h_out.reshape((1, h_out.shape[0])), partial.reshape((partial.shape[0], 1, D)), kept, mode)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, kept, mode=0):
+def ffn_glu_batch(w, b, X, base, thr, act, out, h_out, partial, kept, mode=0):
     """ffn_glu for S tokens at once (prompt prefill): each neuron's rows are read once and
     applied to every token, so a short prompt costs about one token's weight traffic.
 
-    w [N, 3, D]; X, base, out [S, D] (out may alias base); h_out [S, N];
+    w [N, R, D], b [N, R-1] or [0, R-1]; X, base, out [S, D] (out may alias base); h_out [S, N];
     partial [C, >=S, D], kept [C] scratch. Returns neurons kept, summed over tokens.
     """
-    N = w.shape[0]
+    N, R = w.shape[0], w.shape[1]
     S, D = X.shape
     C = partial.shape[0]
     for c in prange(C):
@@ -148,14 +164,14 @@ def ffn_glu_batch(w, X, base, thr, act, out, h_out, partial, kept, mode=0):
         acc[:S] = 0.0
         n = 0
         for i in range(lo, hi):
-            wi = w[i]  # [3, D]
+            wi = w[i]  # [R, D]
             for s in range(S):
-                h, keep = _neuron_h(wi, X[s], act, thr, mode)
+                h, keep = _neuron_h(wi, b, i, X[s], act, thr, mode)
                 h_out[s, i] = h
                 if keep:
                     n += 1
                     for k in range(D):
-                        acc[s, k] += h * _ld(wi, 2, k)
+                        acc[s, k] += h * _ld(wi, R - 1, k)
         kept[c] = n
     for s in prange(S):
         _sum_partials(partial, base, out, s)
@@ -247,6 +263,46 @@ def rms_norm(x, weight, eps, out):
             out[s, k] = x[s, k] * inv * weight[k]
 
 
+@njit(fastmath=True, cache=True, error_model="numpy")
+def layer_norm(x, weight, bias, eps, out):
+    """out = (x - mean) / sqrt(var + eps) * weight + bias, per row; x, out [S, D] (may alias),
+    weight [D], bias [D] or [0]. Mean and (biased) variance in float64 over two passes, as exact as torch's
+    float32 LayerNorm needs for identical tokens."""
+    S, D = x.shape
+    for s in range(S):
+        m = 0.0
+        for k in range(D):
+            m += x[s, k]
+        m /= D
+        v = 0.0
+        for k in range(D):
+            d = x[s, k] - m
+            v += d * d
+        inv = 1.0 / math.sqrt(v / D + eps)
+        for k in range(D):
+            v = np.float32((x[s, k] - m) * inv) * weight[k]
+            out[s, k] = v + bias[k] if bias.shape[0] > 0 else v
+
+
+@njit(fastmath=True, cache=True, error_model="numpy")
+def head_rms_norm(qkv, wq, wk, n_heads, n_kv_heads, head_dim, eps):
+    """Gemma-3's q/k norms, in place on the packed projection qkv [S, (H+2Hkv)·hd]: each query
+    head's hd values are RMS-normed and scaled by wq [hd], each key head's by wk [hd]; v is left
+    alone. Before GroupQueryAttention, which applies the rotary embedding after them, as
+    transformers does."""
+    S = qkv.shape[0]
+    for s in range(S):
+        for h in range(n_heads + n_kv_heads):
+            w = wq if h < n_heads else wk
+            o = h * head_dim
+            ss = 0.0
+            for k in range(head_dim):
+                ss += np.float64(qkv[s, o + k]) * qkv[s, o + k]
+            inv = np.float32(1.0 / math.sqrt(ss / head_dim + eps))
+            for k in range(head_dim):
+                qkv[s, o + k] = qkv[s, o + k] * inv * w[k]
+
+
 @njit(cache=True)
 def gather_rows(table, ids, scale, out):
     """out[s] = table[ids[s]] * scale; table [V, D] float32 or uint16 float16 bits; out [S, D]."""
@@ -262,14 +318,14 @@ def gather_rows(table, ids, scale, out):
 def glu_threshold(g, u, thr, act, kept, mode=0):
     """Prefill: g <- act(g) * u, then zero what the threshold rule drops, in place;
     kept[s] = neurons kept for token s. g, u: [S, N] float32 (gate and up projections of S
-    tokens, from BLAS); kept: [S] int64."""
+    tokens, from BLAS, biases added; u = 1 for plain MLPs); kept: [S] int64."""
     S, N = g.shape
     for s in prange(S):
         n = 0
         for i in range(N):
             a = _act(act, g[s, i])
             h = a * u[s, i]
-            if (abs(a) >= thr) if mode == 1 else (abs(h) >= thr):
+            if h != 0.0 and ((abs(a) >= thr) if mode == 1 else (abs(h) >= thr)):
                 n += 1
             else:
                 h = np.float32(0.0)
@@ -317,29 +373,41 @@ def nll_rows(logits, targets, out):
 
 
 # -- the activation predictor ------------------------------------------------------------------
-# Per neuron, int8 copies of its gate and up rows (runtime/predictor.py): pq [N, 2, D] int8 and
-# ps [N, 2] float32, w ≈ q * scale per row. The predicted output h^ = act(gate^.x) * (up^.x)
-# costs 1/4 of the float32 gate and up rows' bytes; a neuron is a candidate when |h^| >= t_pred,
-# and only candidates' float32 rows are read.
+# Per neuron, int8 copies of its gate and up rows (fc1 for plain MLPs; runtime/predictor.py):
+# pq [N, R-1, D] int8 and ps [N, R-1] float32, w ≈ q * scale per row. The predicted output
+# h^ = act(gate^.x + b) * (up^.x + b) costs 1/4 of the float32 rows' bytes; a neuron is a
+# candidate when |h^| >= t_pred, and only candidates' float32 rows are read.
 
 @njit(inline="always", fastmath=True)
-def _pred_h(pq, ps, x, act):
-    """h^ for one neuron: pq [2, D] int8, ps [2], x [D]."""
+def _pred_h(pq, ps, b, i, x, act):
+    """h^ for neuron i: pq [R-1, D] int8, ps [R-1], b [N, R-1] exact input biases (or [0, ·]), x [D]."""
     g = np.float32(0.0)
+    if pq.shape[0] == 1:
+        for k in range(x.shape[0]):
+            g += np.float32(pq[0, k]) * x[k]
+        g *= ps[0]
+        if b.shape[0] > 0:
+            g += b[i, 0]
+        return _act(act, g)
     u = np.float32(0.0)
     for k in range(x.shape[0]):
         g += np.float32(pq[0, k]) * x[k]
         u += np.float32(pq[1, k]) * x[k]
-    return _act(act, g * ps[0]) * (u * ps[1])
+    g *= ps[0]
+    u *= ps[1]
+    if b.shape[0] > 0:
+        g += b[i, 0]
+        u += b[i, 1]
+    return _act(act, g) * u
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
+def ffn_predict_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
     """Predicted sparse FFN for S tokens: out = base + sum over neurons i that are candidates
-    (|h^_i| >= t_pred) and survive the threshold (|h_i| >= thr) of h_i * w[i, 2].
+    (|h^_i| >= t_pred) and survive the threshold (|h_i| >= thr) of h_i * w[i, R-1].
 
-    w [N, 3, D] neuron-major float32 (or uint16 float16 bits); pq [N, 2, D] int8, ps [N, 2]
-    float32 (the int8 predictor); X, base, out [S, D] (out may alias base); h_out [S, N]: exact h
+    w [N, R, D] neuron-major float32 (or uint16 float16 bits), b [N, R-1] or [0, R-1] input
+    biases; pq [N, R-1, D] int8, ps [N, R-1] float32 (the int8 predictor); X, base, out [S, D] (out may alias base); h_out [S, N]: exact h
     of candidates, 0 for the rest; partial [C, >=S, D], kept [C], cand [C], order [C, >=N] int32
     scratch. Returns (neuron-token pairs kept, candidate pairs). A non-candidate's three rows are
     not read; a candidate's gate and up rows are, and its down row only if it survives thr.
@@ -349,7 +417,7 @@ def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial,
     block (llvm.prefetch) was tried and removed: reading a random half of SmolLM2's 6.9 KB blocks
     went from 17.4 to 14.0 GB/s with it (sequential: 21.8 GB/s).
     """
-    N = w.shape[0]
+    N, R = w.shape[0], w.shape[1]
     S, D = X.shape
     C = partial.shape[0]
     for c in prange(C):
@@ -361,11 +429,11 @@ def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial,
         m = 0
         nc = 0
         for i in range(lo, hi):
-            qi = pq[i]  # [2, D]
-            si = ps[i]  # [2]
+            qi = pq[i]  # [R-1, D]
+            si = ps[i]  # [R-1]
             any_s = False
             for s in range(S):
-                hp = _pred_h(qi, si, X[s], act)
+                hp = _pred_h(qi, si, b, i, X[s], act)
                 flag = abs(hp) >= t_pred
                 h_out[s, i] = 1.0 if flag else 0.0     # candidate flag, replaced by h below
                 any_s |= flag
@@ -380,12 +448,12 @@ def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial,
                 if h_out[s, i] == 0.0:
                     continue
                 nc += 1
-                h, keep = _neuron_h(wi, X[s], act, thr, 0)
+                h, keep = _neuron_h(wi, b, i, X[s], act, thr, 0)
                 h_out[s, i] = h
                 if keep:
                     n += 1
                     for k in range(D):
-                        acc[s, k] += h * _ld(wi, 2, k)
+                        acc[s, k] += h * _ld(wi, R - 1, k)
         kept[c] = n
         cand[c] = nc
     for s in prange(S):
@@ -399,20 +467,20 @@ def ffn_predict_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, partial,
 
 
 @njit(fastmath=True, cache=True)
-def ffn_predict(w, pq, ps, x, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
+def ffn_predict(w, b, pq, ps, x, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
     """ffn_predict_batch for one token (decode): x, base, out [D]; h_out [N]; partial [C, D]."""
     D = x.shape[0]
-    return ffn_predict_batch(w, pq, ps, x.reshape((1, D)), base.reshape((1, D)), t_pred, thr, act,
+    return ffn_predict_batch(w, b, pq, ps, x.reshape((1, D)), base.reshape((1, D)), t_pred, thr, act,
                              out.reshape((1, D)), h_out.reshape((1, h_out.shape[0])),
                              partial.reshape((partial.shape[0], 1, D)), kept, cand, order)
 
 
 @njit(parallel=True, cache=True)
 def dequant_pred(pq, ps, out):
-    """out[i, r, k] = q * scale: the predictor's rows as float32 [N, 2, D] (BLAS prefill)."""
-    N, _, D = pq.shape
+    """out[i, r, k] = q * scale: the predictor's rows as float32 [N, R-1, D] (BLAS prefill)."""
+    N, Rp, D = pq.shape
     for i in prange(N):
-        for r in range(2):
+        for r in range(Rp):
             sc = ps[i, r]
             for k in range(D):
                 out[i, r, k] = np.float32(pq[i, r, k]) * sc
@@ -421,7 +489,8 @@ def dequant_pred(pq, ps, out):
 @njit(parallel=True, fastmath=True, cache=True)
 def predict_mask(h, gp, up, t_pred, act, cand):
     """Prefill: h <- 0 where the predicted |act(gp) * up| < t_pred, in place; cand[s] = candidates
-    of token s. h, gp, up: [S, N] (exact h after glu_threshold; predicted gate and up)."""
+    of token s. h, gp, up: [S, N] (exact h after glu_threshold; predicted gate and up, biases
+    included; up = 1 for plain MLPs)."""
     S, N = h.shape
     for s in prange(S):
         n = 0

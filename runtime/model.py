@@ -1,12 +1,12 @@
 """The forward pass: embeddings -> per layer (attention, FFN) -> norm -> lm_head.
 
-    x = embed[token] * embed_scale                          # [S, D]
-    for each layer l:
-        qkv = W_qkv norm1(x) (+ b)       (Numba)             # [S, (H+2Hkv)·hd]
+    x = embed[token] * embed_scale (@ proj_in) (+ pos_embed[position])      # [S, D]
+    for each layer l (a "pre" block; config.BLOCKS has the parallel and post wiring):
+        qkv = W_qkv norm1(x) (+ b)       (Numba; Gemma-3: per-head q/k norms)  # [S, (H+2Hkv)·hd]
         a   = GQA(qkv, KV cache)         (ONNX Runtime)      # [S, H·hd], rotary inside
         r   = x + W_o a (+ b)            (Numba)             # [S, D]
         x   = r + FFN_t(norm2(r))        (Numba; BLAS for long prefill)
-    logits = lm_head(norm(x))                                # [V]
+    logits = lm_head(norm(x) (@ proj_out)) (+ b)             # [V]
 
 FFN_t is the thresholded FFN: h = act(gate.f) * (up.f); neurons with |h| < t_l are zeroed and
 their down columns are not read. t_l = 0 is the dense model. FFN modes (`--ffn`):
@@ -56,25 +56,38 @@ def check_threads(threads: int | None) -> int:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One layer's tensors as the kernels take them (mmap'd views; float16 as uint16 bits)."""
-    attn_norm: np.ndarray   # [D] float32
-    qkv: np.ndarray         # [(H+2Hkv)·hd, D]
-    qkv_bias: np.ndarray    # [(H+2Hkv)·hd] float32, or [0] for none
-    o: np.ndarray           # [D, H·hd]
-    o_bias: np.ndarray      # [D] float32, or [0]
-    ffn_norm: np.ndarray    # [D] float32
-    ffn: np.ndarray         # [N, 3, D] neuron-major
-    pred_q: np.ndarray | None = None      # [N, 2, D] int8 predictor (see predictor.py)
-    pred_scale: np.ndarray | None = None  # [N, 2] float32
+    """One layer's tensors as the kernels take them (mmap'd views; float16 as uint16 bits).
+    Absent optional tensors are empty arrays, which the kernels read as "none"."""
+    attn_norm: np.ndarray       # [D] float32
+    attn_norm_bias: np.ndarray  # [D] float32 (LayerNorm) or [0]
+    qkv: np.ndarray             # [(H+2Hkv)·hd, D]
+    qkv_bias: np.ndarray        # [(H+2Hkv)·hd] float32, or [0] for none
+    o: np.ndarray               # [D, H·hd]
+    o_bias: np.ndarray          # [D] float32, or [0]
+    ffn_norm: np.ndarray        # [D] float32, or [0] (parallel block)
+    ffn_norm_bias: np.ndarray   # [D] or [0]
+    ffn: np.ndarray             # [N, R, D] neuron-major
+    ffn_bias_in: np.ndarray     # [N, R-1] float32, or [0, R-1]
+    ffn_bias_out: np.ndarray    # [D] float32, or [0]
+    q_norm: np.ndarray          # [hd] or [0]
+    k_norm: np.ndarray          # [hd] or [0]
+    attn_out_norm: np.ndarray   # [D] or [0]
+    ffn_out_norm: np.ndarray    # [D] or [0]
+    pred_q: np.ndarray | None = None      # [N, R-1, D] int8 predictor (see predictor.py)
+    pred_scale: np.ndarray | None = None  # [N, R-1] float32
 
     @classmethod
     def load(cls, pkg: Package, entry) -> "LayerWeights":
         none = np.zeros(0, np.float32)
         t = lambda name: none if name is None else _as_kernel_array(pkg.tensor(name))  # noqa: E731
+        ffn = t(entry.ffn)
+        bias_in = (np.zeros((0, ffn.shape[1] - 1), np.float32) if entry.ffn_bias_in is None
+                   else pkg.tensor(entry.ffn_bias_in))
         pred = {} if entry.pred_q is None else {"pred_q": pkg.tensor(entry.pred_q),
                                                 "pred_scale": pkg.tensor(entry.pred_scale)}
-        return cls(attn_norm=t(entry.attn_norm), qkv=t(entry.qkv), qkv_bias=t(entry.qkv_bias), o=t(entry.o),
-                   o_bias=t(entry.o_bias), ffn_norm=t(entry.ffn_norm), ffn=t(entry.ffn), **pred)
+        roles = ("attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "ffn_norm", "ffn_norm_bias",
+                 "ffn_bias_out", "q_norm", "k_norm", "attn_out_norm", "ffn_out_norm")
+        return cls(ffn=ffn, ffn_bias_in=bias_in, **{r: t(getattr(entry, r)) for r in roles}, **pred)
 
 
 @dataclass
@@ -90,9 +103,6 @@ class Model:
                  max_batch: int | None = None, verify: bool = False, prefetch: bool = False):
         self.pkg = pkg if isinstance(pkg, Package) else Package(pkg, verify=verify)
         cfg = self.cfg = self.pkg.config
-        if not cfg.gated or cfg.ffn_bias or cfg.norm != "rms":
-            raise EdgesparseError(f"{self.pkg.path}: this runtime runs gated, bias-free FFNs with an RMS final "
-                                  f"norm; the package has gated={cfg.gated}, ffn_bias={cfg.ffn_bias}, norm={cfg.norm!r}")
         self.threads = check_threads(threads)
         numba.set_num_threads(self.threads)
         # BLAS (long prefill only) runs on one thread: OpenBLAS workers spin after each call and
@@ -112,15 +122,22 @@ class Model:
         self.prefetch = prefetch
         self._layer_tensors = [[n for n in e.tensor_names().values() if not n.endswith(("norm", "bias"))]
                                for e in self.pkg.manifest.layers]
-        self.ffn = [lw.ffn for lw in self.layers]                                                  # [N, 3, D] each
+        self.ffn = [lw.ffn for lw in self.layers]                                                  # [N, R, D] each
         self.thresholds = np.array([l.threshold for l in self.pkg.manifest.layers], np.float32)  # [L]
         self.has_predictor = all(lw.pred_q is not None for lw in self.layers)
         self.t_pred = np.array([l.pred_threshold or 0.0 for l in self.pkg.manifest.layers], np.float32)  # [L]
         self.ffn_mode = "threshold"
-        self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, D]
-        self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))
-        self.final_norm = np.ascontiguousarray(self.pkg.tensor("final_norm.weight"))                # [D]
-        D, N, C = cfg.d_model, cfg.ffn_dim, self.threads
+        opt = lambda name, shape=(0,): (_as_kernel_array(self.pkg.tensor(name)) if name in self.pkg.manifest.tensors  # noqa: E731
+                                        else np.zeros(shape, np.float32))
+        self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, E]
+        self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))  # [V, E]
+        self.head_bias = opt("lm_head.bias")                                                       # [V] or [0]
+        self.final_norm = opt("final_norm.weight")                                                 # [D] or [0]
+        self.final_norm_bias = opt("final_norm.bias")                                              # [D] or [0]
+        self.pos_embed = opt("pos_embed", (0, cfg.d_model))                                        # [P, D] or [0, D]
+        self.proj_in = opt("embed_proj_in", (0, 0))                                                # [D, E] or [0, 0]
+        self.proj_out = opt("head_proj_out", (0, 0))                                               # [E, D] or [0, 0]
+        D, N, C, E = cfg.d_model, cfg.ffn_dim, self.threads, cfg.embed_dim
         # Buffers, allocated once.
         self._partial = np.zeros((C, D), np.float32)
         B = self.max_batch
@@ -128,7 +145,12 @@ class Model:
         self.residual = np.zeros((B, D), np.float32)     # hidden + attention
         self.ffn_in = np.zeros((B, D), np.float32)       # norm2(residual)
         self._xa = np.zeros((B, D), np.float32)          # norm1(hidden)
+        self._t = np.zeros((B, D), np.float32)           # a branch's output before its out-norm; FFN base
+        self._xe = np.zeros((B, E), np.float32)          # embedding rows / projected final state
+        # plain MLPs through BLAS: h = act(fc1 x + b) * 1, the gated formula with up = 1
+        self._ones = np.ones((B, N), np.float32) if not cfg.gated else None
         self._nobase = np.zeros((0, 1), np.float32)      # "no residual" for K.linear
+        self._none = np.zeros(0, np.float32)              # "no bias"
         self._partial_s = np.zeros((C, self._small, D), np.float32)
         self._kept = np.zeros(C, np.int64)
         self._cand = np.zeros(C, np.int64)
@@ -137,6 +159,7 @@ class Model:
         self._wp = None      # predictor rows widened to float32 [N, 2, D], BLAS prefill only
         self.h = np.zeros((cfg.n_layers, N), np.float32)       # last decode step's neuron outputs per layer
         self._xn = np.zeros((1, D), np.float32)
+        self._xo = np.zeros((1, E), np.float32)
         self.logits = np.zeros(cfg.vocab_size, np.float32)
         self._g = np.zeros((self.max_batch, N), np.float32)
         self._u = np.zeros((self.max_batch, N), np.float32)
@@ -149,6 +172,7 @@ class Model:
         if self.method not in K.MODE_CODES:
             self.method = "paper"   # "none"/"synthetic": thresholds (if any) apply to |h|
         self._tok = np.zeros(1, np.int64)
+        self._history = np.zeros(self.ctx, np.int64)      # the sequence's tokens (LongRoPE recompute)
         self.pos = 0
         self.stats = StepStats()
 
@@ -230,6 +254,16 @@ class Model:
         """Feed tokens (any count; long inputs go in chunks of max_batch) at the current position.
         Returns the last token's logits [V] (a view into a reused buffer), or [S, V] with all_logits."""
         tokens = self._check_tokens(tokens)
+        L = self.cfg.rope_long_after
+        if L and 0 < self.pos <= L < self.pos + tokens.size:
+            # LongRoPE: when a sequence first grows past original_max_position_embeddings,
+            # transformers' Phi-3 drops its cache and recomputes every position with the long
+            # factors (Phi3ForCausalLM.prepare_inputs_for_generation); so does this runtime.
+            whole = np.concatenate([self._history[:self.pos], tokens])
+            self.pos = 0
+            out = self.forward(whole, all_logits)
+            return out[-tokens.size:] if all_logits else out
+        self._history[self.pos:self.pos + tokens.size] = tokens
         outs = []
         for i in range(0, tokens.size, self.max_batch):
             chunk = tokens[i:i + self.max_batch]
@@ -240,8 +274,7 @@ class Model:
             if all_logits:
                 outs.append(self._head_all(x))
             else:
-                K.rms_norm(x[-1:], self.final_norm, self.cfg.norm_eps, self._xn)
-                K.matvec(self.head, self._xn[0], self.logits, self.threads)
+                self._head_one(x[-1:])
         if all_logits:
             return np.concatenate(outs) if len(outs) > 1 else outs[0]
         return self.logits
@@ -259,12 +292,48 @@ class Model:
             out.append(_nll_rows(self._head_all(x[:nxt.size]), nxt))
         return np.concatenate(out)
 
+    def _final(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Final norm (if any) and project_out (if any): x [S, D] -> [S, E] (out [S, D] scratch)."""
+        if self.final_norm.size:
+            self._norm(x, self.final_norm, self.final_norm_bias, out)
+            x = out
+        if self.proj_out.size:
+            x = x @ self.proj_out.T
+        return x
+
+    def _head_one(self, x: np.ndarray) -> None:
+        """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba matvec)."""
+        xf = self._final(x, self._xn)       # [1, E]
+        K.matvec(self.head, np.ascontiguousarray(xf[0]), self.logits, self.threads)
+        if self.head_bias.size:
+            self.logits += self.head_bias
+
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
-        xn = np.empty_like(x)
-        K.rms_norm(x, self.final_norm, self.cfg.norm_eps, xn)
+        xf = self._final(x, np.empty_like(x))
         head = self.head.view(np.float16).astype(np.float32) if self.head.dtype == np.uint16 else self.head
-        return xn @ head.T
+        logits = xf @ head.T
+        if self.head_bias.size:
+            logits += self.head_bias
+        return logits
+
+    def _norm(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        if self.cfg.norm == "rms":
+            K.rms_norm(x, w, self.cfg.norm_eps, out)
+        else:
+            K.layer_norm(x, w, b, self.cfg.norm_eps, out)
+
+    def _embed(self, tokens: np.ndarray, x: np.ndarray) -> None:
+        """x [S, D] = embed[tokens] * scale (@ proj_in) (+ pos_embed[pos .. pos+S-1])."""
+        S = tokens.size
+        if self.proj_in.size:
+            xe = self._xe[:S]                # [S, E]
+            K.gather_rows(self.embed, tokens, np.float32(self.cfg.embed_scale), xe)
+            np.matmul(xe, self.proj_in.T, out=x)
+        else:
+            K.gather_rows(self.embed, tokens, np.float32(self.cfg.embed_scale), x)
+        if self.pos_embed.size:
+            x += self.pos_embed[self.pos:self.pos + S]
 
     def _ffn_input(self, l: int, f: np.ndarray) -> tuple[np.ndarray, float, int]:
         """(input, threshold for h, kernel mode) for layer l. TEAL-style input sparsity masks the
@@ -309,25 +378,69 @@ class Model:
                     self.pkg.willneed(name)
 
     def _attention(self, l: int, S: int) -> None:
-        """hidden[:S] -> residual[:S] = hidden + attention(norm1(hidden)), ffn_in[:S] = norm2(residual)."""
-        a, lw, eps = self.attn, self.layers[l], self.cfg.norm_eps
-        x, r, xa = self.hidden[:S], self.residual[:S], self._xa[:S]   # [S, D]
-        K.rms_norm(x, lw.attn_norm, eps, xa)
-        self._linear(lw.qkv, xa, lw.qkv_bias, None, a.qkv[0, :S])   # [S, (H+2Hkv)·hd]
+        """hidden[:S] -> residual[:S] (the FFN's base: x + attention, down bias included) and
+        ffn_in[:S] (the FFN's input), wired by config.block:
+            pre       r = x + out1(attn(n1(x)));  f = n2(r)
+            parallel  u = n1(x);  r = x + attn(u);  f = u
+            post      r = n1(x + attn(x));  f = r"""
+        a, lw, cfg = self.attn, self.layers[l], self.cfg
+        x, r, f = self.hidden[:S], self.residual[:S], self.ffn_in[:S]   # [S, D]
+        xa = x
+        if cfg.block != "post":
+            xa = self._xa[:S]
+            self._norm(x, lw.attn_norm, lw.attn_norm_bias, xa)
+        qkv = a.qkv[0, :S]                                           # [S, (H+2Hkv)·hd]
+        self._linear(lw.qkv, xa, lw.qkv_bias, None, qkv)
+        if lw.q_norm.size:
+            K.head_rms_norm(qkv, lw.q_norm, lw.k_norm, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
         a.run(l)                                                     # [S, H·hd] into a.attn
-        self._linear(lw.o, a.attn[0, :S], lw.o_bias, x, r)
-        K.rms_norm(r, lw.ffn_norm, eps, self.ffn_in[:S])
+        if lw.attn_out_norm.size:
+            t = self._t[:S]
+            self._linear(lw.o, a.attn[0, :S], lw.o_bias, None, t)
+            self._norm(t, lw.attn_out_norm, self._none, t)
+            np.add(x, t, out=r)
+        else:
+            self._linear(lw.o, a.attn[0, :S], lw.o_bias, x, r)
+        if cfg.block == "pre":
+            self._norm(r, lw.ffn_norm, lw.ffn_norm_bias, f)
+        elif cfg.block == "parallel":
+            f[:] = xa
+        else:
+            self._norm(r, lw.attn_norm, lw.attn_norm_bias, r)
+            f[:] = r
+
+    def _ffn_base(self, l: int, S: int) -> np.ndarray:
+        """What the FFN kernel adds its output to: the residual (+ down bias), or, when the FFN
+        output is normed before the residual add (Gemma-3), the down bias alone."""
+        lw = self.layers[l]
+        if lw.ffn_out_norm.size:
+            base = self._t[:S]
+            base[:] = lw.ffn_bias_out if lw.ffn_bias_out.size else 0.0
+            return base
+        r = self.residual[:S]
+        if lw.ffn_bias_out.size:
+            r += lw.ffn_bias_out
+        return r
+
+    def _ffn_done(self, l: int, S: int) -> None:
+        """hidden[:S] holds base + FFN(f); finish the block (Gemma-3's out-norm and residual add,
+        or the post-norm n2)."""
+        lw, x = self.layers[l], self.hidden[:S]
+        if lw.ffn_out_norm.size:
+            self._norm(x, lw.ffn_out_norm, self._none, x)
+            x += self.residual[:S]
+        elif self.cfg.block == "post":
+            self._norm(x, lw.ffn_norm, lw.ffn_norm_bias, x)
 
     def _predict_mask(self, l: int, fi: np.ndarray, h: np.ndarray) -> None:
         """BLAS prefill in predict mode: zero the exact h [S, N] of non-candidates, in place, and
         recount the kept neurons per token into _kept_s."""
+        from .predictor import predicted_gate_up
         lw, S = self.layers[l], h.shape[0]
         if self._wp is None:
-            self._wp = np.empty((self.cfg.ffn_dim, 2, self.cfg.d_model), np.float32)
-        K.dequant_pred(lw.pred_q, lw.pred_scale, self._wp)
-        gp = fi @ self._wp[:, 0].T        # [S, N]
-        up = fi @ self._wp[:, 1].T
-        K.predict_mask(h, gp, up, self.t_pred[l], self.act, self._cand_s[:S])
+            self._wp = np.empty((self.cfg.ffn_dim, self.cfg.ffn_rows - 1, self.cfg.d_model), np.float32)
+        gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, fi, self._wp)   # [S, N]
+        K.predict_mask(h, gp, self._ones[:S] if up is None else up, self.t_pred[l], self.act, self._cand_s[:S])
         self._kept_s[:S] = np.count_nonzero(h, axis=1)
         self.counts[l, 2] += int(self._cand_s[:S].sum())
 
@@ -336,30 +449,32 @@ class Model:
         self.attn.set_position(self.pos, 1)
         x = self.hidden[:1]             # [1, D]
         self._tok[0] = token
-        K.gather_rows(self.embed, self._tok, np.float32(cfg.embed_scale), x)
-        r, f = self.residual[:1], self.ffn_in[:1]   # [1, D]
+        self._embed(self._tok, x)
+        f = self.ffn_in[:1]             # [1, D]
         kept = rows = 0
-        N = cfg.ffn_dim
+        N, R = cfg.ffn_dim, cfg.ffn_rows
         for l in range(cfg.n_layers):
             self._willneed(l + 1)
             self._attention(l, 1)
+            base = self._ffn_base(l, 1)
             fi, t, mode = self._ffn_input(l, f)
+            lw = self.layers[l]
             if self.ffn_mode == "predict":
-                lw = self.layers[l]
-                k, c = K.ffn_predict(self.ffn[l], lw.pred_q, lw.pred_scale, fi[0], r[0], self.t_pred[l], t,
-                                     self.act, x[0], self.h[l], self._partial, self._kept, self._cand, self._order)
-                rows += 2 * c + k
+                k, c = K.ffn_predict(lw.ffn, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
+                                     t, self.act, x[0], self.h[l], self._partial, self._kept, self._cand, self._order)
+                rows += (R - 1) * c + k
                 self.counts[l, 2] += c
             else:
-                k = K.ffn_glu(self.ffn[l], fi[0], r[0], t, self.act, x[0], self.h[l],
+                k = K.ffn_glu(lw.ffn, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l],
                               self._partial, self._kept, mode)
-                rows += (N + 2 * k) if mode == 1 else (2 * N + k)
+                # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
+                rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
+            self._ffn_done(l, 1)
             self._count(l, k, 1)
             kept += k
         self.stats.ffn_kept.append(kept)
         self.stats.ffn_rows.append(rows)
-        K.rms_norm(x, self.final_norm, cfg.norm_eps, self._xn)
-        K.matvec(self.head, self._xn[0], self.logits, self.threads)
+        self._head_one(x)
         self.pos += 1
 
     def _prefill(self, tokens: np.ndarray) -> np.ndarray:
@@ -368,41 +483,53 @@ class Model:
         S = tokens.size
         self.attn.set_position(self.pos, S)
         x = self.hidden[:S]             # [S, D]
-        K.gather_rows(self.embed, tokens, np.float32(cfg.embed_scale), x)
-        r, f = self.residual[:S], self.ffn_in[:S]
+        self._embed(tokens, x)
+        f = self.ffn_in[:S]
         g, u = self._g[:S], self._u[:S]  # [S, N]
+        R = cfg.ffn_rows
         for l in range(cfg.n_layers):
             self._willneed(l + 1)
             self._attention(l, S)
-            w = self.ffn[l]
+            base = self._ffn_base(l, S)
+            lw = self.layers[l]
+            w = lw.ffn
             fi, t, mode = self._ffn_input(l, f)
             predict = self.ffn_mode == "predict"
             if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
                 if predict:
-                    lw = self.layers[l]
-                    k, c = K.ffn_predict_batch(w, lw.pred_q, lw.pred_scale, fi, r, self.t_pred[l], t, self.act,
-                                               x, g, self._partial_s, self._kept, self._cand, self._order)
+                    k, c = K.ffn_predict_batch(w, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi, base, self.t_pred[l],
+                                               t, self.act, x, g, self._partial_s, self._kept, self._cand, self._order)
                     self.counts[l, 2] += c
                 else:
-                    k = K.ffn_glu_batch(w, fi, r, t, self.act, x, g, self._partial_s, self._kept, mode)
+                    k = K.ffn_glu_batch(w, lw.ffn_bias_in, fi, base, t, self.act, x, g, self._partial_s,
+                                        self._kept, mode)
+                self._ffn_done(l, S)
                 self._count(l, k, S)
                 continue
             if w.dtype == np.uint16:     # float16 storage: widen this layer once for BLAS
                 w = w.view(np.float16).astype(np.float32)
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
-            # neuron-major file (lda = 3·D) and applies the same threshold rule as decode.
+            # neuron-major file (lda = R·D) and applies the same threshold rule as decode.
             np.matmul(fi, w[:, 0, :].T, out=g)
-            np.matmul(fi, w[:, 1, :].T, out=u)
+            if R == 3:
+                np.matmul(fi, w[:, 1, :].T, out=u)
+            else:
+                u = self._ones[:S]
+            if lw.ffn_bias_in.size:
+                g += lw.ffn_bias_in[:, 0]
+                if R == 3:
+                    u += lw.ffn_bias_in[:, 1]
             if self.observer is not None:
                 self.observer(l, f, g, u)   # calibration: pre-threshold FFN input, gate, up
             K.glu_threshold(g, u, t, self.act, self._kept_s[:S], mode)
             if predict:
                 self._predict_mask(l, fi, g)
             self._count(l, int(self._kept_s[:S].sum()), S)
-            np.matmul(g, w[:, 2, :], out=x)
-            x += r
+            np.matmul(g, w[:, R - 1, :], out=x)
+            x += base
+            self._ffn_done(l, S)
         self.pos += S
         return x
 

@@ -13,6 +13,7 @@ read was 23.58 (+3.6% over dense), so the predictor is int8: h^ ranks neurons li
 Layout: neuron-major like the FFN file, so a decode step reads it sequentially,
     pq [N, 2, D] int8    q = round(w / scale), |q| <= 127, row 0 gate, row 1 up
     ps [N, 2] float32    one scale per row, max|w| / 127
+(plain MLPs: [N, 1, D] and [N, 1], the fc1 row; their input biases are added exactly.)
 1/4 of the float32 gate and up rows' bytes (1/6 of a float32 FFN layer). Per-row scales lose
 nothing measurable against groups of 64 (1.001x either way) and keep the kernel's inner loop a
 plain dot product that LLVM vectorizes (with groups of 32 it did not: 6x slower).
@@ -30,22 +31,38 @@ QMAX = 127
 
 
 def quantize(ffn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 predictor for one layer. ffn [N, 3, D] (float32 or float16) -> (pq [N, 2, D] int8,
-    ps [N, 2] float32). Symmetric, per row: scale = max|w| / 127."""
-    w = np.asarray(ffn[:, :2, :], np.float32)           # [N, 2, D] gate and up rows
-    scale = np.abs(w).max(axis=2) / QMAX                 # [N, 2]
+    """int8 predictor for one layer. ffn [N, R, D] (float32 or float16) -> (pq [N, R-1, D] int8,
+    ps [N, R-1] float32): every row but the down column. Symmetric, per row: scale = max|w| / 127."""
+    w = np.asarray(ffn[:, :-1, :], np.float32)          # [N, R-1, D] gate and up rows (or fc1)
+    scale = np.abs(w).max(axis=2) / QMAX                 # [N, R-1]
     safe = np.where(scale > 0, scale, 1.0)
     q = np.clip(np.rint(w / safe[..., None]), -QMAX, QMAX).astype(np.int8)
     return np.ascontiguousarray(q), np.ascontiguousarray(scale.astype(np.float32))
 
 
 def dequantize(pq: np.ndarray, ps: np.ndarray) -> np.ndarray:
-    """NumPy reference of kernels.dequant_pred: [N, 2, D] float32."""
+    """NumPy reference of kernels.dequant_pred: [N, R-1, D] float32."""
     return pq.astype(np.float32) * ps[..., None]
 
 
+def predicted_gate_up(pq: np.ndarray, ps: np.ndarray, bias_in: np.ndarray, f: np.ndarray,
+                      wp: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predicted pre-activations of S tokens through BLAS (prefill, calibration, analysis):
+    f [S, D] -> (gate^ [S, N], up^ [S, N], or None for plain MLPs whose up is 1), input biases
+    bias_in [N, R-1] (or [0, ·]) added exactly. wp [N, R-1, D] float32 scratch."""
+    from . import kernels as K
+    K.dequant_pred(pq, ps, wp)
+    gp = f @ wp[:, 0].T
+    up = f @ wp[:, 1].T if wp.shape[1] == 2 else None
+    if bias_in.shape[0]:
+        gp += bias_in[:, 0]
+        if up is not None:
+            up += bias_in[:, 1]
+    return gp, up
+
+
 def build(pkg, progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Quantize every layer's gate and up rows of a package: [(pq, ps)] per layer."""
+    """Quantize every layer's gate and up rows (fc1 rows) of a package: [(pq, ps)] per layer."""
     out = []
     for l in pkg.manifest.layers:
         out.append(quantize(pkg.tensor(l.ffn)))

@@ -26,6 +26,17 @@ ACT_SLOPE = 1.2
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
+def rule(h, t):
+    """The kernels' keep rule: |h| >= t, and never an exact zero (ReLU's natural zeros: skipping
+    their down column changes nothing, so it is not read even at t = 0)."""
+    return (h != 0) & (np.abs(h) >= t)
+
+
+def nob(w):
+    """"no input biases" for the FFN kernels: shape [0, R-1]."""
+    return np.zeros((0, w.shape[1] - 1), np.float32)
+
+
 
 def act_ref(name: str, g: np.ndarray) -> np.ndarray:
     g = g.astype(np.float64)
@@ -92,7 +103,7 @@ def run_ffn(w, x, base, thr, act, C, out=None):
     h_out = np.full(N, np.nan, np.float32)
     partial = np.full((C, D), np.nan, np.float32)   # garbage in the scratch must not matter
     kept = np.full(C, -7, np.int64)
-    total = K.ffn_glu(w, x, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
+    total = K.ffn_glu(w, nob(w), x, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
     return out, h_out, int(total)
 
 
@@ -129,7 +140,7 @@ def test_ffn_glu_dense_and_off(N, D, C, dtype, act):
     # threshold 0: every neuron passes |h| >= 0, so this is the dense FFN
     out, h, kept = run_ffn(warg, x, base, 0.0, act, C)
     assert_within("h (t=0)", h, ref.h, ref.err_h)
-    assert kept == N
+    assert kept == int(rule(ref.h, 0.0).sum())
     r, tol = ref.out(base, np.ones(N, bool), C)
     assert_within("out (t=0)", out, r, tol)
 
@@ -153,9 +164,9 @@ def test_ffn_glu_threshold_percentiles(N, D, C, dtype, act):
         t = float(np.float32(np.percentile(absh, q)))
         # Neurons whose exact |h| is within the kernel's rounding of t may go either way.
         band = np.abs(absh - t) <= ref.err_h
-        want_keep = absh >= t
+        want_keep = rule(ref.h, t)
         out, h, kept = run_ffn(warg, x, base, t, act, C)
-        got_keep = np.abs(h) >= np.float32(t)        # what the kernel decided, from its own h
+        got_keep = rule(h, np.float32(t))            # what the kernel decided, from its own h
         print(f"q={q} t={t:.4g}: {int(band.sum())} neurons within rounding of t")
         assert_within(f"h (q={q})", h, ref.h, ref.err_h)
         mismatch = np.flatnonzero((got_keep != want_keep) & ~band)
@@ -201,7 +212,7 @@ def test_ffn_glu_out_aliases_base(C, dtype):
     print("aliased vs separate max diff", float(np.abs(buf - sep_out).max()))
     assert kept == sep_kept
     np.testing.assert_array_equal(buf, sep_out)
-    keep = np.abs(ref.h) >= t
+    keep = rule(ref.h, t)
     band = np.abs(np.abs(ref.h) - t) <= ref.err_h
     assert not band.any(), "test data has a neuron within rounding of t; pick another seed"
     r, tol = ref.out(base, keep, C)
@@ -215,7 +226,7 @@ def run_ffn_batch(w, X, base, thr, act, C, out=None):
     h_out = np.full((S, N), np.nan, np.float32)
     partial = np.full((C, S + 2, D), np.nan, np.float32)   # the kernel allows partial [C, >=S, D]
     kept = np.full(C, -7, np.int64)
-    total = K.ffn_glu_batch(w, X, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
+    total = K.ffn_glu_batch(w, nob(w), X, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
     return out, h_out, int(total)
 
 
@@ -238,15 +249,13 @@ def test_ffn_glu_batch_vs_reference(N, D, C, dtype, act):
         for s, ref in enumerate(refs):
             assert_within(f"batch h token {s} t={thr:.3g}", h[s], ref.h, ref.err_h)
             band = np.abs(np.abs(ref.h) - thr) <= ref.err_h
-            want, got = np.abs(ref.h) >= thr, np.abs(h[s]) >= np.float32(thr)
+            want, got = rule(ref.h, thr), rule(h[s], np.float32(thr))
             assert not np.any((want != got) & ~band), f"token {s}: kept set differs from the reference"
             keep = np.where(band, got, want)
             want_total += int(keep.sum())
             r, tol = ref.out(base[s], keep, C)
             assert_within(f"batch out token {s} t={thr:.3g}", out[s], r, tol)
         assert kept == want_total
-        if thr == 0.0:
-            assert kept == S * N
         if thr == np.inf:
             assert kept == 0
             np.testing.assert_array_equal(out, base)
@@ -294,7 +303,7 @@ def test_prefill_and_decode_zero_the_same_neurons(dtype, act):
     total = 0
     for s in range(S):
         out_d, h, kept = run_ffn(warg, X[s], zeros[s], t, act, 2)
-        dec_keep = np.abs(h) >= np.float32(t)
+        dec_keep = rule(h, np.float32(t))
         np.testing.assert_array_equal(h_b[s], h)      # small-batch prefill == decode, bitwise
         np.testing.assert_array_equal(out_b[s], out_d)
         pre_keep = g[s] != 0.0              # t > 0, so a kept h is >= t > 0
@@ -328,8 +337,8 @@ def test_glu_threshold_vs_reference(act, t_kind):
     g = g0.copy()
     kept = np.full(S, -1, np.int64)
     K.glu_threshold(g, u0.copy(), np.float32(t), K.ACT_CODES[act], kept)
-    want = np.abs(h) >= t
-    got = g != 0.0 if t > 0 else np.ones_like(want)
+    want = rule(h, t)
+    got = g != 0.0
     print(f"t={t}: {int(band.sum())} values within rounding of t")
     assert not np.any((got != want) & ~band)
     np.testing.assert_array_equal(kept, got.sum(axis=1))
@@ -337,8 +346,6 @@ def test_glu_threshold_vs_reference(act, t_kind):
     assert_within(f"glu_threshold t={t_kind}", g, ref, np.where(got, err, 1e-30))  # zeroed: exactly 0
     if t_kind == "inf":
         assert np.all(g == 0.0) and np.all(kept == 0)
-    if t_kind == "zero":
-        assert np.all(kept == N)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -57,6 +57,16 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 QMAX = 127                                # int8, symmetric: |q| <= 127, never -128
 
+def rule(h, t):
+    """The kernels' keep rule: |h| >= t, and never an exact zero (ReLU's natural zeros)."""
+    return (h != 0) & (np.abs(h) >= t)
+
+
+def nob(w):
+    """"no input biases" for the FFN kernels: shape [0, R-1]."""
+    return np.zeros((0, w.shape[1] - 1), np.float32)
+
+
 
 # -- helpers -----------------------------------------------------------------------------------------
 def act_ref(name: str, g) -> np.ndarray:
@@ -155,7 +165,7 @@ def run_batch(w, pq, ps, X, base, t_pred, thr, act, C, out=None):
     out = np.full((S, D), np.nan, np.float32) if out is None else out
     h = np.full((S, N), np.nan, np.float32)
     partial = np.full((C, S + 2, D), np.nan, np.float32)   # garbage scratch, and partial [C, >=S, D]
-    k, c = K.ffn_predict_batch(w, pq, ps, X, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
+    k, c = K.ffn_predict_batch(w, nob(w), pq, ps, X, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
                                out, h, partial, *_scratch(C, N))
     return out, h, int(k), int(c)
 
@@ -165,7 +175,7 @@ def run_one(w, pq, ps, x, base, t_pred, thr, act, C):
     out = np.full(D, np.nan, np.float32)
     h = np.full(N, np.nan, np.float32)
     partial = np.full((C, D), np.nan, np.float32)
-    k, c = K.ffn_predict(w, pq, ps, x, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
+    k, c = K.ffn_predict(w, nob(w), pq, ps, x, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
                          out, h, partial, *_scratch(C, N))
     return out, h, int(k), int(c)
 
@@ -263,7 +273,7 @@ def test_predict_t_pred_zero_is_dense_and_inf_is_nothing(S, C, dtype, act):
         out, h, k, c = run_batch(w, pq, ps, X, base, 0.0, thr, act, C)
         out_g = np.full((S, D), np.nan, np.float32)
         h_g = np.full((S, N), np.nan, np.float32)
-        k_g = K.ffn_glu_batch(w, X, base, np.float32(thr), K.ACT_CODES[act], out_g, h_g,
+        k_g = K.ffn_glu_batch(w, nob(w), X, base, np.float32(thr), K.ACT_CODES[act], out_g, h_g,
                               np.full((C, S, D), np.nan, np.float32), np.zeros(C, np.int64))
         print(f"t_pred=0 thr={thr:.3g} vs ffn_glu_batch: max|out diff| {float(np.abs(out - out_g).max()):.3g}, "
               f"max|h diff| {float(np.abs(h - h_g).max()):.3g}")
@@ -271,12 +281,12 @@ def test_predict_t_pred_zero_is_dense_and_inf_is_nothing(S, C, dtype, act):
         np.testing.assert_allclose(h, h_g, rtol=8 * EPS32, atol=1e-30)
         np.testing.assert_allclose(out, out_g, rtol=0, atol=8 * EPS32 * float(np.abs(out_g).max()))
         assert c == S * N and k == k_g
-        if thr == 0.0:
-            assert k == S * N
+        if thr == 0.0:       # all but exact zeros (relu): their down column is never read
+            assert k == int(np.count_nonzero(h))
         for s, r in enumerate(refs):           # and against float64
             assert_within(f"h token {s} (t_pred=0, thr={thr:.3g})", h[s], r.h, r.err)
-            band = np.abs(np.abs(r.h) - thr) <= r.err
-            keep = np.where(band, np.abs(h[s]) >= np.float32(thr), np.abs(r.h) >= thr)
+            band = (np.abs(np.abs(r.h) - thr) <= r.err) | (np.abs(r.h) <= r.err)
+            keep = np.where(band, rule(h[s], np.float32(thr)), rule(r.h, thr))
             ro, tol = out_ref(wx, base[s], r.h, r.err, keep, C)
             assert_within(f"out token {s} (t_pred=0, thr={thr:.3g})", out[s], ro, tol)
     for thr in (0.0, t_mid, np.inf):
@@ -334,9 +344,9 @@ def test_predict_candidates_vs_reference(S, C, dtype, act, predictor):
             e, cs = exact[s], want_cand[s]
             assert np.all(h[s][~cs] == 0.0), f"token {s}: a non-candidate reports h != 0"
             assert_within(f"candidate h token {s}", h[s][cs], e.h[cs], e.err[cs])
-            band = cs & (np.abs(np.abs(e.h) - thr) <= e.err)
-            want_keep = cs & (np.abs(e.h) >= thr)
-            got_keep = cs & (np.abs(h[s]) >= np.float32(thr))
+            band = cs & ((np.abs(np.abs(e.h) - thr) <= e.err) | (np.abs(e.h) <= e.err))
+            want_keep = cs & rule(e.h, thr)
+            got_keep = cs & rule(h[s], np.float32(thr))
             bad = np.flatnonzero((want_keep != got_keep) & ~band)
             assert bad.size == 0, f"token {s}: neurons {bad} kept/zeroed differently from the reference"
             keep = np.where(band, got_keep, want_keep)
@@ -344,8 +354,8 @@ def test_predict_candidates_vs_reference(S, C, dtype, act, predictor):
             ro, tol = out_ref(wx, base[s], e.h, e.err, keep, C)
             assert_within(f"out token {s} thr={thr:.3g}", out[s], ro, tol)
         assert k == n_kept
-        if thr == 0.0:
-            assert k == c               # every candidate survives t = 0
+        if thr == 0.0:                  # every candidate but exact zeros (relu) survives t = 0
+            assert k == c - int(sum(np.count_nonzero(want_cand[s] & (h[s] == 0)) for s in range(S)))
         # one token at a time through the decode wrapper: the same per-neuron code, bit for bit
         for s in range(S):
             o1, h1, _, c1 = run_one(w, pq, ps, X[s], base[s], t_pred, thr, act, C)
@@ -662,9 +672,9 @@ def test_predict_decode_matches_reference(pred_pkg, ref, monkeypatch):
 
     seen = {}                                # decode: the FFN input each layer's kernel got
 
-    def spy(w, pq, ps, x, *rest):
+    def spy(w, b, pq, ps, x, *rest):
         seen.setdefault(id(pq), []).append(x.copy())
-        return orig(w, pq, ps, x, *rest)
+        return orig(w, b, pq, ps, x, *rest)
     orig = K.ffn_predict
     monkeypatch.setattr(K, "ffn_predict", spy)
 
@@ -734,8 +744,8 @@ def test_prefill_paths_agree_with_decode_on_candidates(pred_pkg, monkeypatch):
     short = {}
     orig_batch = K.ffn_predict_batch
 
-    def spy_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest):
-        r = orig_batch(w, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest)
+    def spy_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest):
+        r = orig_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest)
         short[layer_of[id(pq)]] = (h_out.copy(), r)
         return r
     monkeypatch.setattr(K, "ffn_predict_batch", spy_batch)
@@ -747,9 +757,9 @@ def test_prefill_paths_agree_with_decode_on_candidates(pred_pkg, monkeypatch):
     dec_f = np.zeros((L, S, rt.cfg.d_model), np.float32)
     orig_one = K.ffn_predict
 
-    def spy_one(w, pq, ps, x, *rest):
+    def spy_one(w, b, pq, ps, x, *rest):
         dec_f[layer_of[id(pq)], rt.pos] = x
-        return orig_one(w, pq, ps, x, *rest)
+        return orig_one(w, b, pq, ps, x, *rest)
     monkeypatch.setattr(K, "ffn_predict", spy_one)
     rt.reset()
     for s in range(S):

@@ -31,6 +31,11 @@ assert GATE == 1 and K.MODE_CODES["paper"] == 0
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
+def nob(w):
+    """"no input biases" for the FFN kernels: shape [0, R-1]."""
+    return np.zeros((0, w.shape[1] - 1), np.float32)
+
+
 
 def act_ref(name: str, g) -> np.ndarray:
     g = np.asarray(g, np.float64)
@@ -93,9 +98,10 @@ class GateRef:
         self.err_h = 2 * (np.abs(self.u) * self.err_a + np.abs(self.a) * err_u + EPS32 * np.abs(self.h)) + 1e-30
 
     def decide(self, t):
-        """(reference keep mask, band mask: |a| within rounding of t)."""
+        """(reference keep mask, band mask: |a| within rounding of t, or h within rounding of 0).
+        An exact zero h (relu's a = 0) is never kept: its down column is not read."""
         absa = np.abs(self.a)
-        return absa >= t, np.abs(absa - t) <= self.err_a
+        return (absa >= t) & (self.h != 0), (np.abs(absa - t) <= self.err_a) | (np.abs(self.h) <= self.err_h)
 
     def out(self, base, keep, C):
         hk = np.where(keep, self.h, 0.0)
@@ -117,10 +123,7 @@ def check_token(what, ref, t, h, base, out, C):
     Returns (the kernel's keep mask, band size; 0 for t = 0 or inf, where nothing is undecided)."""
     N = h.shape[0]
     want, band = ref.decide(t)
-    if t == 0.0:
-        got = np.ones(N, bool)            # |a| >= 0 always: everything kept (relu's a = 0 gives h = 0)
-    else:
-        got = h != 0.0                    # a dropped neuron reports exactly 0; a kept one |a| >= t > 0
+    got = h != 0.0                        # a dropped neuron reports exactly 0
     bad = np.flatnonzero((got != want) & ~band)
     assert bad.size == 0, f"{what}: neurons {bad} kept/dropped unlike the reference (|a| {np.abs(ref.a[bad])}, t {t})"
     keep = np.where(band, got, want)
@@ -135,7 +138,7 @@ def ffn_glu(w, x, base, t, act, C, mode):
     N, _, D = w.shape
     out = np.full(D, np.nan, np.float32)
     h = np.full(N, np.nan, np.float32)
-    total = K.ffn_glu(w, x, base, np.float32(t), K.ACT_CODES[act], out, h, np.full((C, D), np.nan, np.float32),
+    total = K.ffn_glu(w, nob(w), x, base, np.float32(t), K.ACT_CODES[act], out, h, np.full((C, D), np.nan, np.float32),
                       np.full(C, -7, np.int64), mode)
     return out, h, int(total)
 
@@ -145,7 +148,7 @@ def ffn_glu_batch(w, X, base, t, act, C, mode):
     S = X.shape[0]
     out = np.full((S, D), np.nan, np.float32)
     h = np.full((S, N), np.nan, np.float32)
-    total = K.ffn_glu_batch(w, X, base, np.float32(t), K.ACT_CODES[act], out, h,
+    total = K.ffn_glu_batch(w, nob(w), X, base, np.float32(t), K.ACT_CODES[act], out, h,
                             np.full((C, S + 1, D), np.nan, np.float32), np.full(C, -7, np.int64), mode)
     return out, h, int(total)
 
@@ -170,8 +173,6 @@ def test_ffn_glu_gate_mode(N, D, C, dtype, act):
         if t == math.inf:
             assert kept == 0 and np.all(h == 0.0)
             np.testing.assert_array_equal(out, base)
-        if t == 0.0:
-            assert kept == N
     print(f"{n_band} neurons within rounding of t")
 
 
@@ -236,17 +237,15 @@ def test_glu_threshold_gate_mode(S, N, act):
         g = g0.copy()
         kept = np.full(S, -1, np.int64)
         K.glu_threshold(g, u0.copy(), np.float32(t), K.ACT_CODES[act], kept, GATE)
-        want = np.abs(a) >= t
-        band = np.abs(np.abs(a) - t) <= err_a
-        got = np.ones_like(want) if t == 0.0 else g != 0.0
+        want = (np.abs(a) >= t) & (h != 0)
+        band = (np.abs(np.abs(a) - t) <= err_a) | (np.abs(h) <= err_h)
+        got = g != 0.0
         n_band += int(band.sum()) if 0.0 < t < math.inf else 0
         bad = np.argwhere((got != want) & ~band)
         assert bad.size == 0, f"t={t}: (token, neuron) {bad[:5].tolist()} kept/dropped unlike the reference"
         np.testing.assert_array_equal(kept, got.sum(axis=1))
         assert np.all(g[~got] == 0.0)
         assert_within(f"glu_threshold gate t={t:.3g}", g[got], h[got], err_h[got])
-        if t == 0.0:
-            assert np.all(kept == N)
         if t == math.inf:
             assert np.all(kept == 0) and np.all(g == 0.0)
         if 0.0 < t < math.inf and S * N > 50:
