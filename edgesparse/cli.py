@@ -6,6 +6,7 @@
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
     edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5]
     edgesparse bench PKG [--sparsity 0,0.5] [--ffn threshold,predict] [--threads 1,2] [--rounds 3]
+                     [--against ort,llama.cpp] [--ram-budget MB] [--positions 32,2000] [--project BOARD]
     edgesparse verify PKG                                                     (device)
 
 Bad input raises EdgesparseError, printed as one line with a non-zero exit; --debug shows the
@@ -248,11 +249,11 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from edgesparse.runtime.bench import run_bench, table
+    from edgesparse.runtime import against, bench
     from edgesparse.runtime.model import check_threads
-    from .format import read_manifest
+    from edgesparse.runtime.package import Package
 
-    read_manifest(Path(a.package))        # fail here, not in a worker
+    pkg = Package(a.package)              # fail here, not in a worker
     threads = [check_threads(_int(t, "--threads")) for t in a.threads.split(",")]
     sparsities = _levels(a.sparsity, "--sparsity")
     for name in ("rounds", "prompt_tokens", "gen_tokens"):
@@ -262,10 +263,38 @@ def _bench(a: argparse.Namespace) -> int:
     bad = [f for f in ffns if f not in ("dense", "threshold", "predict")]
     if not ffns or bad:
         raise EdgesparseError(f"--ffn: expected comma-separated dense, threshold, predict; got {a.ffn!r}")
-    res = run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, Path(a.output),
-                    progress=not a.quiet, ffns=ffns)
-    print(table(res))
-    print(f"wrote {Path(a.output) / 'bench.json'}", file=sys.stderr)
+    if "predict" in ffns and not all(e.pred_q for e in pkg.manifest.layers):
+        raise EdgesparseError(f"{a.package}: --ffn predict needs a predictor (calibrate --predictor)")
+    if any(sparsities) and not pkg.manifest.sparsity.get("calibration"):
+        raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
+    engines = against.parse(a.against)
+    if a.gguf and "llama.cpp" not in engines:
+        raise EdgesparseError("--gguf: only used with --against llama.cpp")
+    if a.ram_budget is not None:
+        if not a.ram_budget > 0:
+            raise EdgesparseError(f"--ram-budget: expected a positive number of MB, got {a.ram_budget}")
+        from edgesparse.runtime.residency import check_budget
+        check_budget(pkg.manifest, int(a.ram_budget * 2**20), "predict" in ffns and any(sparsities))
+    out = Path(a.output)
+    if a.positions:
+        for flag, given in (("--against", engines), ("--ram-budget", a.ram_budget), ("--project", a.project)):
+            if given:
+                raise EdgesparseError(f"--positions measures latency against position only; drop {flag}")
+        from edgesparse.runtime import positions
+        ps = positions.parse(a.positions, a.gen_tokens, pkg.config.max_position)
+        res = bench.run_positions(a.package, threads, sparsities, ffns, ps, a.gen_tokens, a.rounds, out,
+                                  progress=not a.quiet)
+        print(positions.table(res))
+        print(f"wrote {out / 'positions.json'}", file=sys.stderr)
+        return 0
+    log = None if a.quiet else (lambda msg: print(msg, file=sys.stderr))
+    cache = Path(a.against_cache) if a.against_cache else out.resolve().parent / "edgesparse-against"
+    paths = against.prepare_all(engines, pkg, cache, a.gguf, log)
+    res = bench.run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, out,
+                          progress=not a.quiet, ffns=ffns, against=paths, budget_mb=a.ram_budget,
+                          project=a.project)
+    print(bench.report(res))
+    print(f"wrote {out / 'bench.json'}", file=sys.stderr)
     return 0
 
 
@@ -361,8 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ffn", default="threshold", help="comma-separated FFN modes: threshold, predict, dense")
     b.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma-separated thread counts")
     b.add_argument("--prompt-tokens", type=int, default=32)
-    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=128, help="decode steps (per position with --positions)")
     b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--against", default="", metavar="ENGINES",
+                   help="also run the package's source model with: ort, transformers (need [export]), llama.cpp")
+    b.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
+    b.add_argument("--against-cache", metavar="DIR",
+                   help="where --against keeps its exports (default: edgesparse-against/ beside -o)")
+    b.add_argument("--ram-budget", type=float, metavar="MB",
+                   help="also run every configuration with the resident weights kept under MB (cold FFN rows released)")
+    b.add_argument("--positions", metavar="P,P,...",
+                   help="instead: per-token latency at these positions, e.g. 32,128,512,1000,2000")
+    b.add_argument("--project", metavar="BOARD",
+                   help="projected tok/s on BOARD (devices/profiles/BOARD.json or a profile path): bandwidth / bytes")
     b.add_argument("-o", "--output", default="edgesparse-bench")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(fn=_bench)

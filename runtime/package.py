@@ -61,6 +61,11 @@ class Package:
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
             mm.madvise(mmap.MADV_WILLNEED, lo, min(len(mm), t.offset + t.nbytes) - lo)
 
+    def mappings(self) -> dict[str, mmap.mmap]:
+        """The files mapped so far, by path relative to the package (a snapshot). Residency
+        accounting (bench --ram-budget) measures and releases pages through these."""
+        return dict(self._maps)
+
     def close(self) -> None:
         # Arrays handed out keep their mmap alive through the buffer protocol; closing an mmap
         # with live views raises BufferError, so we only drop our references.

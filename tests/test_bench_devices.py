@@ -1,0 +1,91 @@
+"""devices/: measure (bench on a board -> devices/results/BOARD-DATE.json), the setup and wheelhouse
+scripts' argument checks, and the thin bench_positions.py wrapper. The scripts run as a user runs
+them, in subprocesses; measure runs from a copy of devices/ so that its results land in tmp."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--gen-tokens", "3", "--prompt-tokens", "3", "--rounds", "1", "-q"]
+
+
+def sh(*argv, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.fixture
+def devices(tmp_path) -> Path:
+    d = tmp_path / "devices"
+    (d / "profiles").mkdir(parents=True)
+    shutil.copy(ROOT / "devices" / "measure", d / "measure")
+    for p in (ROOT / "devices" / "profiles").glob("*.json"):
+        shutil.copy(p, d / "profiles")
+    # a one-thread board, so that its recommended threads run on any machine
+    prof = json.loads((d / "profiles" / "pi4.json").read_text()) | {"name": "test board", "recommended_threads": 1}
+    (d / "profiles" / "one-core.json").write_text(json.dumps(prof))
+    return d
+
+
+def test_measure_writes_board_results(devices, tiny_llama_pkg, tmp_path):
+    r = sh(sys.executable, devices / "measure", tiny_llama_pkg, "--board", "one-core", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    day = time.strftime("%Y-%m-%d")
+    first = devices / "results" / f"one-core-{day}.json"
+    res = json.loads(first.read_text())
+    assert res["board"] == "one-core" and res["python"] == platform.python_version()
+    assert [row["threads"] for row in res["summary"]] == [1]          # the profile's recommended threads
+    assert res["summary"][0]["tok_s"] > 0 and "-o" not in res["command"]
+    assert res["projection"]["rows"][0]["measured_on_board"] is None
+    # a second run the same day: a new file, and the projection shows the first run's figure
+    r = sh(sys.executable, devices / "measure", tiny_llama_pkg, "--board", "one-core", *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    second = json.loads((devices / "results" / f"one-core-{day}-2.json").read_text())
+    seen = second["projection"]["rows"][0]["measured_on_board"]
+    assert seen["tok_s"] == res["summary"][0]["tok_s"] and seen["file"] == str(first)
+
+
+def test_measure_errors(devices, tiny_llama_pkg, tmp_path):
+    r = sh(sys.executable, devices / "measure", tiny_llama_pkg, "--board", "pi9", cwd=tmp_path)
+    assert r.returncode == 1 and "--board pi9" in r.stderr and "pi4" in r.stderr
+    r = sh(sys.executable, devices / "measure", tiny_llama_pkg, "--board", "pi4", "-o", tmp_path / "x", cwd=tmp_path)
+    assert r.returncode == 1 and "-o/--output" in r.stderr
+    if not Path("/proc/device-tree/model").exists():
+        r = sh(sys.executable, devices / "measure", tiny_llama_pkg, cwd=tmp_path)
+        assert r.returncode == 1 and "pass --board" in r.stderr
+    assert not (devices / "results").exists()
+
+
+def test_setup_script_checks_its_arguments(tmp_path):
+    setup = ROOT / "devices" / "setup"
+    r = sh("bash", setup / "install.sh")
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = sh("bash", setup / "install.sh", "pi6", tmp_path)
+    assert r.returncode == 1 and "BOARD: expected pi4, pi5, jetson-nano or orin-nano" in r.stderr
+    for board in ("pi4", "pi5", "jetson-nano", "orin-nano"):
+        assert f"install.sh\" {board} " in (setup / f"{board}.sh").read_text()
+    if platform.machine() != "aarch64":
+        r = sh("bash", setup / "pi4.sh", tmp_path)
+        assert r.returncode == 1 and "the wheelhouse is for aarch64" in r.stderr
+
+
+def test_wheelhouse_rejects_old_pythons(tmp_path):
+    r = sh("bash", ROOT / "devices" / "wheelhouse", "3.6", tmp_path / "w")
+    assert r.returncode == 2 and "Python >= 3.10" in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_positions_wrapper(tiny_llama_pkg, tmp_path):
+    r = sh(sys.executable, ROOT / "devices" / "bench_positions.py", tiny_llama_pkg, "--positions", "4,8", "--steps", 2,
+           "--rounds", 1, "--threads", 1, "-o", tmp_path / "p", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "p" / "positions.json").read_text())
+    assert [row["position"] for row in res["configs"][0]["rows"]] == [4, 8]
