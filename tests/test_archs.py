@@ -298,3 +298,44 @@ def test_unsupported_architecture_lists_the_supported_ones():
     for name in REGISTRY:
         assert name in str(e.value)
     assert {"llama", "mistral", "qwen2", "phi", "phi3", "opt", "gemma3_text"} <= set(REGISTRY)
+
+
+def test_calibrate_eval_and_predict_work_for_every_family(arch, tmp_path, capsys):
+    """The CLI's calibrate (with the int8 predictor) and eval on each family: the dense
+    perplexity is transformers' on the same windows, the calibrated 50% is reached on the
+    calibration text, and predict mode runs with its candidates counted."""
+    import json
+    import math
+    import shutil
+
+    import torch
+    from edgesparse.cli import main
+    from edgesparse.runtime.textdata import token_windows
+    name, hf, pkg = arch
+    words = np.random.default_rng(5).integers(3, 211, 3000)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in words) + "\n")
+    dst = tmp_path / "pkg"
+    shutil.copytree(pkg, dst)
+    assert main(["calibrate", str(dst), "--text", str(text), "--tokens", "1024", "--predictor", "-q"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", str(dst), "--text", str(text), "--ctx", "128", "--windows", "3", "--sparsity", "0,0.5",
+                 "--methods", "paper,predict", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    rs = json.loads((out / "eval.json").read_text())["results"]
+    assert [(r["method"], r["target"]) for r in rs] == [("dense", 0.0), ("paper", 0.5), ("predict", 0.5)]
+    wins = token_windows(words.tolist(), 128, 3)
+    nll = [torch.nn.functional.cross_entropy(hf(torch.tensor(w[None])).logits[0, :-1].double(),
+                                             torch.tensor(w[1:]), reduction="none").numpy() for w in wins]
+    ppl_hf = math.exp(np.concatenate(nll).mean())
+    print(f"{name}: eval dense ppl {rs[0]['perplexity']:.5f} (transformers {ppl_hf:.5f}), "
+          + ", ".join(f"{r['method']} 0.5: ppl {r['perplexity']:.4f} sparsity {r['achieved_sparsity_mean']:.3f} "
+                      f"bytes skipped {r['ffn_bytes_skippable']:.3f}" for r in rs[1:]))
+    assert abs(rs[0]["perplexity"] / ppl_hf - 1) <= 1e-4
+    paper, predict = rs[1], rs[2]
+    # ReLU families may be sparser than asked: their exact zeros are dropped at every level
+    assert paper["achieved_sparsity_mean"] >= 0.47
+    if not name.startswith("opt"):
+        assert abs(paper["achieved_sparsity_mean"] - 0.5) <= 0.03
+    assert 0 < predict["ffn_bytes_skippable"] < 1 and math.isfinite(predict["perplexity"])
+    assert all(0 < c < 1 for c in predict["candidates_per_layer"])
