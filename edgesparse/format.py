@@ -319,9 +319,15 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
         if tensors[name].shape != shape:
             raise PackageError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                                f"the config needs {list(shape)}")
-        want = ("int8",) if name in pred_q else ("float32", "float16")
+        want = ("int8",) if name in pred_q else ("float32", "float16", "int8")
         if tensors[name].dtype not in want:
             raise PackageError(f"{where}: tensor {name!r} must be {' or '.join(want)}")
+        if tensors[name].dtype == "int8" and name not in pred_q:
+            # int8 weights: symmetric, one float32 scale per row (the last axis is the row)
+            sc = tensors.get(name + ".scale")
+            if sc is None or sc.dtype != "float32" or sc.shape != shape[:-1]:
+                raise PackageError(f"{where}: int8 tensor {name!r} needs a float32 tensor {name + '.scale'!r} "
+                                   f"of shape {list(shape[:-1])} (one scale per row)")
     # Norm weights, biases and rotary tables are tiny and read as float32 by the kernels (and the
     # rotary tables are bound as ONNX Runtime's float cos/sin caches).
     for name in ("final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"):

@@ -16,7 +16,7 @@ from . import archs, source
 from .onnx_layer import build_attention_graph
 from .writer import PackageWriter
 
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = ("float32", "float16", "int8")
 
 
 def rope_tables(cfg, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +62,24 @@ def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
         head_bias="lm_head.bias" in g)
 
 
+def quantize_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 storage: symmetric, one scale per row (last axis), q = round(w / s), s = max|w| / 127.
+    a [..., D] -> (q [..., D] int8, s [...] float32). An all-zero row gets scale 0 and q = 0."""
+    a = np.asarray(a, np.float32)
+    s = np.abs(a).max(axis=-1) / 127.0
+    safe = np.where(s > 0, s, 1.0)
+    q = np.clip(np.rint(a / safe[..., None]), -127, 127).astype(np.int8)
+    return q, s.astype(np.float32)
+
+
+def _stored(name: str, a: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray, str]]:
+    """One tensor as written: float32/float16 as is, int8 as (q, name.scale)."""
+    if dtype != "int8":
+        return [(name, a, dtype)]
+    q, s = quantize_rows(a)
+    return [(name, q, "int8"), (name + ".scale", s, "float32")]
+
+
 # Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,
 # positions (tiny, and every activation passes through them).
 _KEEP_FLOAT32 = set(FLOAT32_ROLES) | {"final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"}
@@ -97,8 +115,8 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
             p = f"layers.{l}."
             t = arch.extract_layer(mod)
             ffn_roles = ("ffn", "ffn_bias_in", "ffn_bias_out")
-            w.raw(f"attn/{l:03d}.bin", [(p + r, a, st(r)) for r, a in t.items() if r not in ffn_roles])
-            w.raw(f"ffn/{l:03d}.bin", [(p + r, t[r], st(r)) for r in ffn_roles if r in t])
+            w.raw(f"attn/{l:03d}.bin", [x for r, a in t.items() if r not in ffn_roles for x in _stored(p + r, a, st(r))])
+            w.raw(f"ffn/{l:03d}.bin", [x for r in ffn_roles if r in t for x in _stored(p + r, t[r], st(r))])
             names = {r: p + r for r in t}
             if mc.rotary_dim:
                 table, rcfg = arch.rope_config(cfg, l)
@@ -113,10 +131,10 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
                 if mc.rope_long_after:
                     names.update(rope_cos_long=table + ".long.cos", rope_sin_long=table + ".long.sin")
             layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", threshold=0.0, **names))
-        w.raw("embed.bin", [(n, g[n], st(n)) for n in ("embed", "pos_embed", "embed_proj_in") if n in g])
+        w.raw("embed.bin", [x for n in ("embed", "pos_embed", "embed_proj_in") if n in g for x in _stored(n, g[n], st(n))])
         head = [n for n in ("lm_head", "lm_head.bias", "head_proj_out") if n in g]
         if head:
-            w.raw("head.bin", [(n, g[n], st(n)) for n in head])
+            w.raw("head.bin", [x for n in head for x in _stored(n, g[n], st(n))])
         norm = [n for n in ("final_norm.weight", "final_norm.bias") if n in g]
         if norm:
             w.raw("norm.bin", [(n, g[n], "float32") for n in norm])

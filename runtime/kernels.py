@@ -3,7 +3,9 @@
 Conventions: x is the FFN input of one token [D]; the FFN weights are neuron-major
 w [N, R, D] (gated, R = 3: row 0 = gate, row 1 = up, row 2 = the neuron's column of down), so one
 neuron's vectors are contiguous (3·D·4 bytes = 6.9 KB for SmolLM2) and a skipped neuron costs no
-read at all. Plain MLPs (OPT, Phi-2) have R = 2: fc1 row in the gate's place, fc2 column, and
+read at all. int8 weights (--dtype int8) come with one float32 scale per row, ws [N, R] for the
+FFN ([O] for a projection, [V] for an embedding; shape [0, ...] for float weights): a dot product
+is sum(q_k x_k) * scale, and a down column adds (h * scale) * q_k. Plain MLPs (OPT, Phi-2) have R = 2: fc1 row in the gate's place, fc2 column, and
 h = act(fc1.x + b), i.e. a gated FFN whose up is 1. bias b [N, R-1] holds each neuron's input
 biases (shape [0, R-1] when the model has none). A neuron with h == 0 exactly (ReLU's natural
 zeros) never reads its down column, whatever the threshold: skipping it changes nothing. float16 weights arrive as their uint16 bit patterns (Numba has no CPU float16)
@@ -57,30 +59,35 @@ def _h2f(typingctx, v):
 
 
 def _ld(a, r, k):
-    """a[r, k] as float32, for float32 weights or float16 bits."""
+    """a[r, k] as float32, for float32 weights, float16 bits (uint16) or int8 (unscaled)."""
 
 
 @overload(_ld, inline="always")
 def _ld_impl(a, r, k):
-    if isinstance(a.dtype, types.Integer):
+    if isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 16:
         return lambda a, r, k: _h2f(a[r, k])
+    if isinstance(a.dtype, types.Integer):
+        return lambda a, r, k: np.float32(a[r, k])
     return lambda a, r, k: a[r, k]
 
 
 def _ld1(a, k):
-    """a[k] as float32, for float32 weights or float16 bits."""
+    """a[k] as float32, for float32 weights, float16 bits or int8 (unscaled)."""
 
 
 @overload(_ld1, inline="always")
 def _ld1_impl(a, k):
-    if isinstance(a.dtype, types.Integer):
+    if isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 16:
         return lambda a, k: _h2f(a[k])
+    if isinstance(a.dtype, types.Integer):
+        return lambda a, k: np.float32(a[k])
     return lambda a, k: a[k]
 
 
 @njit(inline="always", fastmath=True)
-def _neuron_h(wi, b, i, x, act, thr, mode):
-    """(h, keep) for neuron i with rows wi [R, D] and input biases b [N, R-1] (or [0, ·]):
+def _neuron_h(wi, ws, b, i, x, act, thr, mode):
+    """(h, keep) for neuron i with rows wi [R, D], row scales ws [N, R] (int8; [0, R] for float)
+    and input biases b [N, R-1] (or [0, ·]):
     h = act(gate.x) * (up.x) (R = 3) or act(fc1.x) (R = 2), and whether it survives the
     threshold. Decode and small-batch prefill both call this, so for the same input they compute
     the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)| is below t
@@ -88,9 +95,12 @@ def _neuron_h(wi, b, i, x, act, thr, mode):
     g = np.float32(0.0)
     u = np.float32(0.0)
     gated = wi.shape[0] == 3
+    scaled = ws.shape[0] > 0
     if mode == 1 or not gated:
         for k in range(x.shape[0]):
             g += _ld(wi, 0, k) * x[k]
+        if scaled:
+            g *= ws[i, 0]
         if b.shape[0] > 0:
             g += b[i, 0]
         a = _act(act, g)
@@ -100,6 +110,8 @@ def _neuron_h(wi, b, i, x, act, thr, mode):
             return np.float32(0.0), False
         for k in range(x.shape[0]):
             u += _ld(wi, 1, k) * x[k]
+        if scaled:
+            u *= ws[i, 1]
         if b.shape[0] > 0:
             u += b[i, 1]
         h = a * u
@@ -108,6 +120,9 @@ def _neuron_h(wi, b, i, x, act, thr, mode):
     for k in range(x.shape[0]):
         g += _ld(wi, 0, k) * x[k]
         u += _ld(wi, 1, k) * x[k]
+    if scaled:
+        g *= ws[i, 0]
+        u *= ws[i, 1]
     if b.shape[0] > 0:
         g += b[i, 0]
         u += b[i, 1]
@@ -126,10 +141,11 @@ def _sum_partials(partial, base, out, s):
 
 
 @njit(fastmath=True, cache=True)
-def ffn_glu(w, b, x, base, thr, act, out, h_out, partial, kept, mode=0):
+def ffn_glu(w, ws, b, x, base, thr, act, out, h_out, partial, kept, mode=0):
     """Thresholded FFN for one token: out = base + FFN_t(x).
 
-    w:       [N, R, D] float32 (or uint16 float16 bits) neuron-major weights (mmap'd, read-only)
+    w:       [N, R, D] float32 (or uint16 float16 bits, or int8) neuron-major weights (mmap'd)
+    ws:      [N, R] float32 row scales of int8 weights, or shape [0, R]
     b:       [N, R-1] float32 input biases, or shape [0, R-1]
     x:       [D] float32 FFN input (post-attention norm)
     thr:     float32 threshold t: neurons with |h| < t are zeroed and their down column not read
@@ -142,16 +158,16 @@ def ffn_glu(w, b, x, base, thr, act, out, h_out, partial, kept, mode=0):
     """
     # One token is the S = 1 case of ffn_glu_batch: one code path for decode and short prefill.
     D = x.shape[0]
-    return ffn_glu_batch(w, b, x.reshape((1, D)), base.reshape((1, D)), thr, act, out.reshape((1, D)),
+    return ffn_glu_batch(w, ws, b, x.reshape((1, D)), base.reshape((1, D)), thr, act, out.reshape((1, D)),
                          h_out.reshape((1, h_out.shape[0])), partial.reshape((partial.shape[0], 1, D)), kept, mode)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_glu_batch(w, b, X, base, thr, act, out, h_out, partial, kept, mode=0):
+def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0):
     """ffn_glu for S tokens at once (prompt prefill): each neuron's rows are read once and
     applied to every token, so a short prompt costs about one token's weight traffic.
 
-    w [N, R, D], b [N, R-1] or [0, R-1]; X, base, out [S, D] (out may alias base); h_out [S, N];
+    w [N, R, D], ws [N, R] or [0, R], b [N, R-1] or [0, R-1]; X, base, out [S, D] (out may alias base); h_out [S, N];
     partial [C, >=S, D], kept [C] scratch. Returns neurons kept, summed over tokens.
     """
     N, R = w.shape[0], w.shape[1]
@@ -166,12 +182,13 @@ def ffn_glu_batch(w, b, X, base, thr, act, out, h_out, partial, kept, mode=0):
         for i in range(lo, hi):
             wi = w[i]  # [R, D]
             for s in range(S):
-                h, keep = _neuron_h(wi, b, i, X[s], act, thr, mode)
+                h, keep = _neuron_h(wi, ws, b, i, X[s], act, thr, mode)
                 h_out[s, i] = h
                 if keep:
                     n += 1
+                    hd = h * ws[i, R - 1] if ws.shape[0] > 0 else h
                     for k in range(D):
-                        acc[s, k] += h * _ld(wi, R - 1, k)
+                        acc[s, k] += hd * _ld(wi, R - 1, k)
         kept[c] = n
     for s in prange(S):
         _sum_partials(partial, base, out, s)
@@ -182,7 +199,9 @@ def ffn_glu_batch(w, b, X, base, thr, act, out, h_out, partial, kept, mode=0):
 
 
 @njit(inline="always")
-def _emit(Y, bias, base, s, i, v):
+def _emit(Y, ws, bias, base, s, i, v):
+    if ws.shape[0] > 0:
+        v *= ws[i]
     if bias.shape[0] > 0:
         v += bias[i]
     if base.shape[0] > 0:
@@ -191,11 +210,12 @@ def _emit(Y, bias, base, s, i, v):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def linear(w, X, bias, base, Y, chunks):
+def linear(w, ws, X, bias, base, Y, chunks):
     """Y[s] = w @ X[s] (+ bias) (+ base[s]) for a few tokens: the attention projections and the
     lm_head, memory bound, so every weight row is read once and applied to all S tokens.
 
-    w:     [O, D] float32 (or uint16 float16 bits), nn.Linear's [out, in] layout (mmap'd)
+    w:     [O, D] float32 (or uint16 float16 bits, or int8), nn.Linear's [out, in] layout (mmap'd)
+    ws:    [O] float32 row scales of int8 weights, or shape [0]
     X:     [S, D] float32
     bias:  [O] float32, or shape [0] for none
     base:  [S, O] float32 added to the result (the residual stream), or shape [0, O] for none;
@@ -226,25 +246,26 @@ def linear(w, X, bias, base, Y, chunks):
                         a1 += _ld(w, i + 1, k) * xk
                         a2 += _ld(w, i + 2, k) * xk
                         a3 += _ld(w, i + 3, k) * xk
-                    _emit(Y, bias, base, s, i, a0)
-                    _emit(Y, bias, base, s, i + 1, a1)
-                    _emit(Y, bias, base, s, i + 2, a2)
-                    _emit(Y, bias, base, s, i + 3, a3)
+                    _emit(Y, ws, bias, base, s, i, a0)
+                    _emit(Y, ws, bias, base, s, i + 1, a1)
+                    _emit(Y, ws, bias, base, s, i + 2, a2)
+                    _emit(Y, ws, bias, base, s, i + 3, a3)
             else:
                 for j in range(i, O):
                     for s in range(S):
                         a = np.float32(0.0)
                         for k in range(D):
                             a += _ld(w, j, k) * X[s, k]
-                        _emit(Y, bias, base, s, j, a)
+                        _emit(Y, ws, bias, base, s, j, a)
 
 
 @njit(fastmath=True, cache=True)
-def matvec(w, x, y, chunks):
-    """y = w @ x for w [V, D] float32 (or uint16 float16 bits); y [V]. The lm_head."""
+def matvec(w, ws, x, y, chunks):
+    """y = w @ x for w [V, D] float32 (or uint16 float16 bits, or int8 with row scales ws [V]);
+    y [V]. The lm_head."""
     D = x.shape[0]
     V = y.shape[0]
-    linear(w, x.reshape((1, D)), np.empty(0, np.float32), np.empty((0, V), np.float32),
+    linear(w, ws, x.reshape((1, D)), np.empty(0, np.float32), np.empty((0, V), np.float32),
            y.reshape((1, V)), chunks)
 
 
@@ -304,14 +325,16 @@ def head_rms_norm(qkv, wq, wk, n_heads, n_kv_heads, head_dim, eps):
 
 
 @njit(cache=True)
-def gather_rows(table, ids, scale, out):
-    """out[s] = table[ids[s]] * scale; table [V, D] float32 or uint16 float16 bits; out [S, D]."""
+def gather_rows(table, ts, ids, scale, out):
+    """out[s] = table[ids[s]] * scale; table [V, D] float32, uint16 float16 bits or int8 with row
+    scales ts [V] (shape [0] otherwise); out [S, D]."""
     S = ids.shape[0]
     D = out.shape[1]
     for s in range(S):
         row = table[ids[s]]  # [D]
+        sc = scale * ts[ids[s]] if ts.shape[0] > 0 else scale
         for k in range(D):
-            out[s, k] = _ld1(row, k) * scale
+            out[s, k] = _ld1(row, k) * sc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -402,11 +425,12 @@ def _pred_h(pq, ps, b, i, x, act):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_predict_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
+def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
     """Predicted sparse FFN for S tokens: out = base + sum over neurons i that are candidates
     (|h^_i| >= t_pred) and survive the threshold (|h_i| >= thr) of h_i * w[i, R-1].
 
-    w [N, R, D] neuron-major float32 (or uint16 float16 bits), b [N, R-1] or [0, R-1] input
+    w [N, R, D] neuron-major float32 (or uint16 float16 bits, or int8 with row scales ws [N, R];
+    ws is [0, R] otherwise), b [N, R-1] or [0, R-1] input
     biases; pq [N, R-1, D] int8, ps [N, R-1] float32 (the int8 predictor); X, base, out [S, D] (out may alias base); h_out [S, N]: exact h
     of candidates, 0 for the rest; partial [C, >=S, D], kept [C], cand [C], order [C, >=N] int32
     scratch. Returns (neuron-token pairs kept, candidate pairs). A non-candidate's three rows are
@@ -448,12 +472,13 @@ def ffn_predict_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, parti
                 if h_out[s, i] == 0.0:
                     continue
                 nc += 1
-                h, keep = _neuron_h(wi, b, i, X[s], act, thr, 0)
+                h, keep = _neuron_h(wi, ws, b, i, X[s], act, thr, 0)
                 h_out[s, i] = h
                 if keep:
                     n += 1
+                    hd = h * ws[i, R - 1] if ws.shape[0] > 0 else h
                     for k in range(D):
-                        acc[s, k] += h * _ld(wi, R - 1, k)
+                        acc[s, k] += hd * _ld(wi, R - 1, k)
         kept[c] = n
         cand[c] = nc
     for s in prange(S):
@@ -467,10 +492,10 @@ def ffn_predict_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, parti
 
 
 @njit(fastmath=True, cache=True)
-def ffn_predict(w, b, pq, ps, x, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
+def ffn_predict(w, ws, b, pq, ps, x, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
     """ffn_predict_batch for one token (decode): x, base, out [D]; h_out [N]; partial [C, D]."""
     D = x.shape[0]
-    return ffn_predict_batch(w, b, pq, ps, x.reshape((1, D)), base.reshape((1, D)), t_pred, thr, act,
+    return ffn_predict_batch(w, ws, b, pq, ps, x.reshape((1, D)), base.reshape((1, D)), t_pred, thr, act,
                              out.reshape((1, D)), h_out.reshape((1, h_out.shape[0])),
                              partial.reshape((partial.shape[0], 1, D)), kept, cand, order)
 

@@ -42,6 +42,22 @@ def _as_kernel_array(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
+def _scales(pkg: Package, name: str | None, ndim: int) -> np.ndarray:
+    """Row scales of an int8 tensor ([rows...] float32), or an empty [0, ...] array for float ones."""
+    if name is not None and name + ".scale" in pkg.manifest.tensors:
+        return pkg.tensor(name + ".scale")
+    return np.zeros((0,) * ndim, np.float32)
+
+
+def _widen(w: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    """float32 copy of a kernel weight array for BLAS: float16 bits widened, int8 scaled per row."""
+    if w.dtype == np.uint16:
+        return w.view(np.float16).astype(np.float32)
+    if w.dtype == np.int8:
+        return w.astype(np.float32) * ws[..., None]
+    return w
+
+
 def check_threads(threads: int | None) -> int:
     cores = os.cpu_count() or 1
     if threads is None:
@@ -61,12 +77,15 @@ class LayerWeights:
     attn_norm: np.ndarray       # [D] float32
     attn_norm_bias: np.ndarray  # [D] float32 (LayerNorm) or [0]
     qkv: np.ndarray             # [(H+2Hkv)·hd, D]
+    qkv_scale: np.ndarray       # [(H+2Hkv)·hd] int8 row scales, or [0]
     qkv_bias: np.ndarray        # [(H+2Hkv)·hd] float32, or [0] for none
     o: np.ndarray               # [D, H·hd]
+    o_scale: np.ndarray         # [D] or [0]
     o_bias: np.ndarray          # [D] float32, or [0]
     ffn_norm: np.ndarray        # [D] float32, or [0] (parallel block)
     ffn_norm_bias: np.ndarray   # [D] or [0]
     ffn: np.ndarray             # [N, R, D] neuron-major
+    ffn_scale: np.ndarray       # [N, R] int8 row scales, or [0, R]
     ffn_bias_in: np.ndarray     # [N, R-1] float32, or [0, R-1]
     ffn_bias_out: np.ndarray    # [D] float32, or [0]
     q_norm: np.ndarray          # [hd] or [0]
@@ -87,7 +106,10 @@ class LayerWeights:
                                                 "pred_scale": pkg.tensor(entry.pred_scale)}
         roles = ("attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "ffn_norm", "ffn_norm_bias",
                  "ffn_bias_out", "q_norm", "k_norm", "attn_out_norm", "ffn_out_norm")
-        return cls(ffn=ffn, ffn_bias_in=bias_in, **{r: t(getattr(entry, r)) for r in roles}, **pred)
+        return cls(ffn=ffn, ffn_bias_in=bias_in, qkv_scale=_scales(pkg, entry.qkv, 1), o_scale=_scales(pkg, entry.o, 1),
+                   ffn_scale=_scales(pkg, entry.ffn, 2) if entry.ffn + ".scale" in pkg.manifest.tensors
+                   else np.zeros((0, ffn.shape[1]), np.float32),
+                   **{r: t(getattr(entry, r)) for r in roles}, **pred)
 
 
 @dataclass
@@ -130,13 +152,16 @@ class Model:
         opt = lambda name, shape=(0,): (_as_kernel_array(self.pkg.tensor(name)) if name in self.pkg.manifest.tensors  # noqa: E731
                                         else np.zeros(shape, np.float32))
         self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, E]
+        self.embed_scale = _scales(self.pkg, "embed", 1)                                          # [V] or [0]
         self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))  # [V, E]
+        self.head_scale = self.embed_scale if cfg.tie_embeddings else _scales(self.pkg, "lm_head", 1)
         self.head_bias = opt("lm_head.bias")                                                       # [V] or [0]
         self.final_norm = opt("final_norm.weight")                                                 # [D] or [0]
         self.final_norm_bias = opt("final_norm.bias")                                              # [D] or [0]
         self.pos_embed = opt("pos_embed", (0, cfg.d_model))                                        # [P, D] or [0, D]
-        self.proj_in = opt("embed_proj_in", (0, 0))                                                # [D, E] or [0, 0]
-        self.proj_out = opt("head_proj_out", (0, 0))                                               # [E, D] or [0, 0]
+        # project_in/out (OPT-350m) are small and only ever used through BLAS: widened once here
+        self.proj_in = _widen(opt("embed_proj_in", (0, 0)), _scales(self.pkg, "embed_proj_in", 1))  # [D, E] or [0, 0]
+        self.proj_out = _widen(opt("head_proj_out", (0, 0)), _scales(self.pkg, "head_proj_out", 1))  # [E, D] or [0, 0]
         D, N, C, E = cfg.d_model, cfg.ffn_dim, self.threads, cfg.embed_dim
         # Buffers, allocated once.
         self._partial = np.zeros((C, D), np.float32)
@@ -304,15 +329,14 @@ class Model:
     def _head_one(self, x: np.ndarray) -> None:
         """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba matvec)."""
         xf = self._final(x, self._xn)       # [1, E]
-        K.matvec(self.head, np.ascontiguousarray(xf[0]), self.logits, self.threads)
+        K.matvec(self.head, self.head_scale, np.ascontiguousarray(xf[0]), self.logits, self.threads)
         if self.head_bias.size:
             self.logits += self.head_bias
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
         xf = self._final(x, np.empty_like(x))
-        head = self.head.view(np.float16).astype(np.float32) if self.head.dtype == np.uint16 else self.head
-        logits = xf @ head.T
+        logits = xf @ _widen(self.head, self.head_scale).T
         if self.head_bias.size:
             logits += self.head_bias
         return logits
@@ -328,10 +352,10 @@ class Model:
         S = tokens.size
         if self.proj_in.size:
             xe = self._xe[:S]                # [S, E]
-            K.gather_rows(self.embed, tokens, np.float32(self.cfg.embed_scale), xe)
+            K.gather_rows(self.embed, self.embed_scale, tokens, np.float32(self.cfg.embed_scale), xe)
             np.matmul(xe, self.proj_in.T, out=x)
         else:
-            K.gather_rows(self.embed, tokens, np.float32(self.cfg.embed_scale), x)
+            K.gather_rows(self.embed, self.embed_scale, tokens, np.float32(self.cfg.embed_scale), x)
         if self.pos_embed.size:
             x += self.pos_embed[self.pos:self.pos + S]
 
@@ -356,14 +380,13 @@ class Model:
             self.counts[l, 0] += kept
             self.counts[l, 1] += tokens * self.cfg.ffn_dim
 
-    def _linear(self, w: np.ndarray, X: np.ndarray, bias: np.ndarray, base: np.ndarray | None,
+    def _linear(self, w: np.ndarray, ws: np.ndarray, X: np.ndarray, bias: np.ndarray, base: np.ndarray | None,
                 Y: np.ndarray) -> None:
-        """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd), X [S, D], Y [S, O]."""
+        """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd; int8 with row scales ws [O]), X [S, D], Y [S, O]."""
         if X.shape[0] <= self._small:
-            K.linear(w, X, bias, self._nobase if base is None else base, Y, self.threads)
+            K.linear(w, ws, X, bias, self._nobase if base is None else base, Y, self.threads)
             return
-        if w.dtype == np.uint16:     # float16 storage: widen once for BLAS (long prefill only)
-            w = w.view(np.float16).astype(np.float32)
+        w = _widen(w, ws)     # float16 / int8 storage: widen once for BLAS (long prefill only)
         np.matmul(X, w.T, out=Y)
         if bias.size:
             Y += bias
@@ -390,17 +413,17 @@ class Model:
             xa = self._xa[:S]
             self._norm(x, lw.attn_norm, lw.attn_norm_bias, xa)
         qkv = a.qkv[0, :S]                                           # [S, (H+2Hkv)·hd]
-        self._linear(lw.qkv, xa, lw.qkv_bias, None, qkv)
+        self._linear(lw.qkv, lw.qkv_scale, xa, lw.qkv_bias, None, qkv)
         if lw.q_norm.size:
             K.head_rms_norm(qkv, lw.q_norm, lw.k_norm, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
         a.run(l)                                                     # [S, H·hd] into a.attn
         if lw.attn_out_norm.size:
             t = self._t[:S]
-            self._linear(lw.o, a.attn[0, :S], lw.o_bias, None, t)
+            self._linear(lw.o, lw.o_scale, a.attn[0, :S], lw.o_bias, None, t)
             self._norm(t, lw.attn_out_norm, self._none, t)
             np.add(x, t, out=r)
         else:
-            self._linear(lw.o, a.attn[0, :S], lw.o_bias, x, r)
+            self._linear(lw.o, lw.o_scale, a.attn[0, :S], lw.o_bias, x, r)
         if cfg.block == "pre":
             self._norm(r, lw.ffn_norm, lw.ffn_norm_bias, f)
         elif cfg.block == "parallel":
@@ -460,12 +483,12 @@ class Model:
             fi, t, mode = self._ffn_input(l, f)
             lw = self.layers[l]
             if self.ffn_mode == "predict":
-                k, c = K.ffn_predict(lw.ffn, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
+                k, c = K.ffn_predict(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
                                      t, self.act, x[0], self.h[l], self._partial, self._kept, self._cand, self._order)
                 rows += (R - 1) * c + k
                 self.counts[l, 2] += c
             else:
-                k = K.ffn_glu(lw.ffn, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l],
+                k = K.ffn_glu(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l],
                               self._partial, self._kept, mode)
                 # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
                 rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
@@ -498,17 +521,16 @@ class Model:
             if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
                 if predict:
-                    k, c = K.ffn_predict_batch(w, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi, base, self.t_pred[l],
+                    k, c = K.ffn_predict_batch(w, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi, base, self.t_pred[l],
                                                t, self.act, x, g, self._partial_s, self._kept, self._cand, self._order)
                     self.counts[l, 2] += c
                 else:
-                    k = K.ffn_glu_batch(w, lw.ffn_bias_in, fi, base, t, self.act, x, g, self._partial_s,
+                    k = K.ffn_glu_batch(w, lw.ffn_scale, lw.ffn_bias_in, fi, base, t, self.act, x, g, self._partial_s,
                                         self._kept, mode)
                 self._ffn_done(l, S)
                 self._count(l, k, S)
                 continue
-            if w.dtype == np.uint16:     # float16 storage: widen this layer once for BLAS
-                w = w.view(np.float16).astype(np.float32)
+            w = _widen(w, lw.ffn_scale)     # float16 / int8 storage: widen this layer once for BLAS
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
             # neuron-major file (lda = R·D) and applies the same threshold rule as decode.

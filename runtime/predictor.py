@@ -65,7 +65,10 @@ def build(pkg, progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Quantize every layer's gate and up rows (fc1 rows) of a package: [(pq, ps)] per layer."""
     out = []
     for l in pkg.manifest.layers:
-        out.append(quantize(pkg.tensor(l.ffn)))
+        w = pkg.tensor(l.ffn)                                         # [N, R, D]
+        if w.dtype == np.int8:                                        # int8 storage: the rows it stands for
+            w = w.astype(np.float32) * pkg.tensor(l.ffn + ".scale")[..., None]
+        out.append(quantize(w))
         if progress:
             progress()
     return out

@@ -32,9 +32,17 @@ def rule(h, t):
     return (h != 0) & (np.abs(h) >= t)
 
 
+NOSCALE = np.zeros(0, np.float32)     # "float weights, no row scales"
+
+
 def nob(w):
     """"no input biases" for the FFN kernels: shape [0, R-1]."""
     return np.zeros((0, w.shape[1] - 1), np.float32)
+
+
+def nos(w):
+    """"no row scales" (float weights) for the FFN kernels: shape [0, R]."""
+    return np.zeros((0, w.shape[1]), np.float32)
 
 
 
@@ -103,7 +111,7 @@ def run_ffn(w, x, base, thr, act, C, out=None):
     h_out = np.full(N, np.nan, np.float32)
     partial = np.full((C, D), np.nan, np.float32)   # garbage in the scratch must not matter
     kept = np.full(C, -7, np.int64)
-    total = K.ffn_glu(w, nob(w), x, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
+    total = K.ffn_glu(w, nos(w), nob(w), x, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
     return out, h_out, int(total)
 
 
@@ -226,7 +234,7 @@ def run_ffn_batch(w, X, base, thr, act, C, out=None):
     h_out = np.full((S, N), np.nan, np.float32)
     partial = np.full((C, S + 2, D), np.nan, np.float32)   # the kernel allows partial [C, >=S, D]
     kept = np.full(C, -7, np.int64)
-    total = K.ffn_glu_batch(w, nob(w), X, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
+    total = K.ffn_glu_batch(w, nos(w), nob(w), X, base, np.float32(thr), K.ACT_CODES[act], out, h_out, partial, kept)
     return out, h_out, int(total)
 
 
@@ -361,7 +369,7 @@ def test_matvec(V, D, C, dtype):
         arg, exact = w, w.astype(np.float64)
     x = rng.standard_normal(D).astype(np.float32)
     y = np.full(V, np.nan, np.float32)
-    K.matvec(arg, x, y, C)
+    K.matvec(arg, NOSCALE, x, y, C)
     ref = exact @ x.astype(np.float64)
     tol = 2 * D * EPS32 * (np.abs(exact) @ np.abs(x.astype(np.float64))) + 1e-30  # length-D float32 dot
     assert_within("matvec", y, ref, tol)
@@ -391,7 +399,7 @@ def test_linear(O, D, S, C, dtype, extras):
         Y = base          # the residual add in place: out = base + w @ x
     else:
         Y = np.full((S, O), np.nan, np.float32)
-    K.linear(arg, X, bias, base, Y, C)
+    K.linear(arg, NOSCALE, X, bias, base, Y, C)
     # a length-D float32 dot product, then up to two float32 adds
     mag = np.abs(X.astype(np.float64)) @ np.abs(exact.T) + (np.abs(bias) if bias.size else 0.0) \
         + (np.abs(ref) if base.size else 0.0)
@@ -430,7 +438,7 @@ def test_gather_rows_float32_exact(scale):
     table = rng.standard_normal((37, 29)).astype(np.float32)
     ids = np.array([5, 0, 36, 5], np.int64)
     out = np.full((4, 29), np.nan, np.float32)
-    K.gather_rows(table, ids, np.float32(scale), out)
+    K.gather_rows(table, NOSCALE, ids, np.float32(scale), out)
     # one float32 multiply per element, same as NumPy's: bit-identical
     want = table[ids] * np.float32(scale)
     print("gather_rows float32 max|diff|", float(np.abs(out - want).max()))
@@ -446,7 +454,7 @@ def test_gather_rows_widens_every_finite_float16_exactly():
     table = table.reshape(62, 1024)
     ids = np.arange(62, dtype=np.int64)[::-1].copy()
     out = np.full((62, 1024), np.nan, np.float32)
-    K.gather_rows(table, ids, np.float32(1.0), out)
+    K.gather_rows(table, NOSCALE, ids, np.float32(1.0), out)
     want = table.view(np.float16).astype(np.float32)[ids]
     n_bad = int((out.view(np.uint32) != want.view(np.uint32)).sum())
     print("float16 patterns widened wrongly:", n_bad)

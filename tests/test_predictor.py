@@ -67,6 +67,11 @@ def nob(w):
     return np.zeros((0, w.shape[1] - 1), np.float32)
 
 
+def nos(w):
+    """"no row scales" (float weights) for the FFN kernels: shape [0, R]."""
+    return np.zeros((0, w.shape[1]), np.float32)
+
+
 
 # -- helpers -----------------------------------------------------------------------------------------
 def act_ref(name: str, g) -> np.ndarray:
@@ -165,7 +170,7 @@ def run_batch(w, pq, ps, X, base, t_pred, thr, act, C, out=None):
     out = np.full((S, D), np.nan, np.float32) if out is None else out
     h = np.full((S, N), np.nan, np.float32)
     partial = np.full((C, S + 2, D), np.nan, np.float32)   # garbage scratch, and partial [C, >=S, D]
-    k, c = K.ffn_predict_batch(w, nob(w), pq, ps, X, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
+    k, c = K.ffn_predict_batch(w, nos(w), nob(w), pq, ps, X, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
                                out, h, partial, *_scratch(C, N))
     return out, h, int(k), int(c)
 
@@ -175,7 +180,7 @@ def run_one(w, pq, ps, x, base, t_pred, thr, act, C):
     out = np.full(D, np.nan, np.float32)
     h = np.full(N, np.nan, np.float32)
     partial = np.full((C, D), np.nan, np.float32)
-    k, c = K.ffn_predict(w, nob(w), pq, ps, x, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
+    k, c = K.ffn_predict(w, nos(w), nob(w), pq, ps, x, base, np.float32(t_pred), np.float32(thr), K.ACT_CODES[act],
                          out, h, partial, *_scratch(C, N))
     return out, h, int(k), int(c)
 
@@ -273,7 +278,7 @@ def test_predict_t_pred_zero_is_dense_and_inf_is_nothing(S, C, dtype, act):
         out, h, k, c = run_batch(w, pq, ps, X, base, 0.0, thr, act, C)
         out_g = np.full((S, D), np.nan, np.float32)
         h_g = np.full((S, N), np.nan, np.float32)
-        k_g = K.ffn_glu_batch(w, nob(w), X, base, np.float32(thr), K.ACT_CODES[act], out_g, h_g,
+        k_g = K.ffn_glu_batch(w, nos(w), nob(w), X, base, np.float32(thr), K.ACT_CODES[act], out_g, h_g,
                               np.full((C, S, D), np.nan, np.float32), np.zeros(C, np.int64))
         print(f"t_pred=0 thr={thr:.3g} vs ffn_glu_batch: max|out diff| {float(np.abs(out - out_g).max()):.3g}, "
               f"max|h diff| {float(np.abs(h - h_g).max()):.3g}")
@@ -672,9 +677,9 @@ def test_predict_decode_matches_reference(pred_pkg, ref, monkeypatch):
 
     seen = {}                                # decode: the FFN input each layer's kernel got
 
-    def spy(w, b, pq, ps, x, *rest):
+    def spy(w, ws, b, pq, ps, x, *rest):
         seen.setdefault(id(pq), []).append(x.copy())
-        return orig(w, b, pq, ps, x, *rest)
+        return orig(w, ws, b, pq, ps, x, *rest)
     orig = K.ffn_predict
     monkeypatch.setattr(K, "ffn_predict", spy)
 
@@ -744,8 +749,8 @@ def test_prefill_paths_agree_with_decode_on_candidates(pred_pkg, monkeypatch):
     short = {}
     orig_batch = K.ffn_predict_batch
 
-    def spy_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest):
-        r = orig_batch(w, b, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest)
+    def spy_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest):
+        r = orig_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, *rest)
         short[layer_of[id(pq)]] = (h_out.copy(), r)
         return r
     monkeypatch.setattr(K, "ffn_predict_batch", spy_batch)
@@ -757,9 +762,9 @@ def test_prefill_paths_agree_with_decode_on_candidates(pred_pkg, monkeypatch):
     dec_f = np.zeros((L, S, rt.cfg.d_model), np.float32)
     orig_one = K.ffn_predict
 
-    def spy_one(w, b, pq, ps, x, *rest):
+    def spy_one(w, ws, b, pq, ps, x, *rest):
         dec_f[layer_of[id(pq)], rt.pos] = x
-        return orig_one(w, b, pq, ps, x, *rest)
+        return orig_one(w, ws, b, pq, ps, x, *rest)
     monkeypatch.setattr(K, "ffn_predict", spy_one)
     rt.reset()
     for s in range(S):

@@ -36,6 +36,11 @@ def nob(w):
     return np.zeros((0, w.shape[1] - 1), np.float32)
 
 
+def nos(w):
+    """"no row scales" (float weights) for the FFN kernels: shape [0, R]."""
+    return np.zeros((0, w.shape[1]), np.float32)
+
+
 
 def act_ref(name: str, g) -> np.ndarray:
     g = np.asarray(g, np.float64)
@@ -138,7 +143,7 @@ def ffn_glu(w, x, base, t, act, C, mode):
     N, _, D = w.shape
     out = np.full(D, np.nan, np.float32)
     h = np.full(N, np.nan, np.float32)
-    total = K.ffn_glu(w, nob(w), x, base, np.float32(t), K.ACT_CODES[act], out, h, np.full((C, D), np.nan, np.float32),
+    total = K.ffn_glu(w, nos(w), nob(w), x, base, np.float32(t), K.ACT_CODES[act], out, h, np.full((C, D), np.nan, np.float32),
                       np.full(C, -7, np.int64), mode)
     return out, h, int(total)
 
@@ -148,7 +153,7 @@ def ffn_glu_batch(w, X, base, t, act, C, mode):
     S = X.shape[0]
     out = np.full((S, D), np.nan, np.float32)
     h = np.full((S, N), np.nan, np.float32)
-    total = K.ffn_glu_batch(w, nob(w), X, base, np.float32(t), K.ACT_CODES[act], out, h,
+    total = K.ffn_glu_batch(w, nos(w), nob(w), X, base, np.float32(t), K.ACT_CODES[act], out, h,
                             np.full((C, S + 1, D), np.nan, np.float32), np.full(C, -7, np.int64), mode)
     return out, h, int(total)
 
