@@ -299,6 +299,11 @@ def _check_layer_roles(c: ModelConfig, l: LayerEntry, w: str) -> None:
     for role in ("attn_norm_bias", "ffn_norm_bias"):
         if c.norm == "rms":
             need(role, False, "RMS norms have no bias")
+    if c.block == "parallel":
+        need("ffn_norm_bias", False, "a parallel block has no ffn_norm")
+    if c.block != "pre":
+        for role in ("attn_out_norm", "ffn_out_norm"):
+            need(role, False, f"branch output norms are wired in pre blocks only, block={c.block!r}")
     need("ffn_bias_in", c.ffn_bias, f"ffn_bias={c.ffn_bias}")
     need("ffn_bias_out", c.ffn_bias, f"ffn_bias={c.ffn_bias}")
     for role in ("rope_cos", "rope_sin"):

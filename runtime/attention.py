@@ -134,14 +134,18 @@ class AttentionStack:
     def set_position(self, past: int, s: int) -> None:
         """Next run processes s tokens at positions past .. past+s-1."""
         self.bind_tokens(s)
-        if self.long_after and (past + s > self.long_after) != self._long:
-            self._long = not self._long
-            for name, (cs, ss, cl, sl) in self._rope_src.items():
-                cos, sin = self.rope[name]
-                cos[:] = cl if self._long else cs
-                sin[:] = sl if self._long else ss
         self.seqlens_k[0] = past + s - 1
         self.total[()] = past + s
+
+    def use_long_rope(self, long: bool) -> None:
+        """LongRoPE: bind the long (True) or short tables. The caller decides from the length the
+        sequence will have after the whole call, as transformers decides from the longest position."""
+        if self.long_after and long != self._long:
+            self._long = long
+            for name, (cs, ss, cl, sl) in self._rope_src.items():
+                cos, sin = self.rope[name]
+                cos[:] = cl if long else cs
+                sin[:] = sl if long else ss
 
     def run(self, l: int) -> None:
         sess, io = self.bindings[self._mode][l]

@@ -149,19 +149,22 @@ class Model:
         self.has_predictor = all(lw.pred_q is not None for lw in self.layers)
         self.t_pred = np.array([l.pred_threshold or 0.0 for l in self.pkg.manifest.layers], np.float32)  # [L]
         self.ffn_mode = "threshold"
-        opt = lambda name, shape=(0,): (_as_kernel_array(self.pkg.tensor(name)) if name in self.pkg.manifest.tensors  # noqa: E731
-                                        else np.zeros(shape, np.float32))
+        # optional global tensors, used when the config says the model has them (the reader checks
+        # exactly those shapes)
+        opt = lambda name, want, shape=(0,): (_as_kernel_array(self.pkg.tensor(name)) if want  # noqa: E731
+                                              else np.zeros(shape, np.float32))
         self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, E]
         self.embed_scale = _scales(self.pkg, "embed", 1)                                          # [V] or [0]
         self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))  # [V, E]
         self.head_scale = self.embed_scale if cfg.tie_embeddings else _scales(self.pkg, "lm_head", 1)
-        self.head_bias = opt("lm_head.bias")                                                       # [V] or [0]
-        self.final_norm = opt("final_norm.weight")                                                 # [D] or [0]
-        self.final_norm_bias = opt("final_norm.bias")                                              # [D] or [0]
-        self.pos_embed = opt("pos_embed", (0, cfg.d_model))                                        # [P, D] or [0, D]
+        self.head_bias = opt("lm_head.bias", cfg.head_bias)                                        # [V] or [0]
+        self.final_norm = opt("final_norm.weight", cfg.final_norm)                                 # [D] or [0]
+        self.final_norm_bias = opt("final_norm.bias", cfg.final_norm and cfg.norm == "layer")      # [D] or [0]
+        self.pos_embed = opt("pos_embed", cfg.learned_positions, (0, cfg.d_model))                 # [P, D] or [0, D]
+        proj = cfg.embed_dim != cfg.d_model
         # project_in/out (OPT-350m) are small and only ever used through BLAS: widened once here
-        self.proj_in = _widen(opt("embed_proj_in", (0, 0)), _scales(self.pkg, "embed_proj_in", 1))  # [D, E] or [0, 0]
-        self.proj_out = _widen(opt("head_proj_out", (0, 0)), _scales(self.pkg, "head_proj_out", 1))  # [E, D] or [0, 0]
+        self.proj_in = _widen(opt("embed_proj_in", proj, (0, 0)), _scales(self.pkg, "embed_proj_in", 1))  # [D, E]
+        self.proj_out = _widen(opt("head_proj_out", proj, (0, 0)), _scales(self.pkg, "head_proj_out", 1))  # [E, D]
         D, N, C, E = cfg.d_model, cfg.ffn_dim, self.threads, cfg.embed_dim
         # Buffers, allocated once.
         self._partial = np.zeros((C, D), np.float32)
@@ -288,6 +291,7 @@ class Model:
             self.pos = 0
             out = self.forward(whole, all_logits)
             return out[-tokens.size:] if all_logits else out
+        self.attn.use_long_rope(self.pos + tokens.size > L)
         self._history[self.pos:self.pos + tokens.size] = tokens
         outs = []
         for i in range(0, tokens.size, self.max_batch):
@@ -310,6 +314,7 @@ class Model:
         200 MB for a 1024-token window of a 49k vocabulary. Returns [S-1] float64."""
         self.reset()
         tokens = self._check_tokens(tokens)
+        self.attn.use_long_rope(tokens.size > self.cfg.rope_long_after > 0)
         out = []
         for i in range(0, tokens.size, self.max_batch):
             x = self._prefill(tokens[i:i + self.max_batch])             # [S, D]

@@ -290,6 +290,22 @@ def test_longrope_switch_matters_for_phi3(arch):
     assert d > 1e-2
 
 
+def test_longrope_prompt_in_chunks_uses_the_long_tables_throughout(arch):
+    """A 40-token prompt fed in chunks of 8 (max_batch) from position 0: transformers rotates every
+    position with the long factors (the sequence is longer than 16), so must the early chunks."""
+    import torch
+    from edgesparse.runtime.model import Model
+    name, hf, pkg = arch
+    if name != "phi3":
+        pytest.skip("phi3 only")
+    ids = np.random.default_rng(6).integers(3, 211, 40)
+    ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+    out = Model(pkg, ctx=64, max_batch=8).forward(ids, all_logits=True)
+    d = np.abs(out - ref).max()
+    print(f"phi3: 40 tokens in chunks of 8, max |dlogit| {d:.2e}")
+    assert d < ATOL
+
+
 def test_unsupported_architecture_lists_the_supported_ones():
     from edgesparse.errors import EdgesparseError
     from edgesparse.export.archs import REGISTRY, lookup
