@@ -5,6 +5,7 @@
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
     edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5]
+    edgesparse prune PKG -o OUT --text FILE|wikitext2 [--max-rate 0.01] [--level 0.5] [--tokens N]
     edgesparse bench PKG [--sparsity 0,0.5] [--ffn threshold,predict] [--threads 1,2] [--rounds 3]
                      [--against ort,llama.cpp] [--ram-budget MB] [--positions 32,2000] [--project BOARD]
     edgesparse verify PKG                                                     (device)
@@ -171,6 +172,34 @@ def _eval(a: argparse.Namespace) -> int:
     print(md)
     print(f"{desc}: {res['windows']} windows x {a.ctx} tokens, {res['seconds']:.0f} s; wrote {out / 'eval.json'}"
           + (f" and {len(figs)} figures" if figs else " (no figures: pip install matplotlib)"), file=sys.stderr)
+    return 0
+
+
+def _prune(a: argparse.Namespace) -> int:
+    from edgesparse.runtime import prune
+    from edgesparse.runtime.calibrate import thresholds_for
+    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.text import TextCodec
+    from edgesparse.runtime.textdata import load_text, token_windows
+
+    level = _levels(str(a.level), "--level")[0]
+    if level == 0:
+        raise EdgesparseError("--level: pruning needs a calibrated sparsity level > 0 to define 'active'")
+    if not 0.0 <= a.max_rate < 1.0:
+        raise EdgesparseError(f"--max-rate: expected a fraction in [0, 1), got {a.max_rate}")
+    model = Model(a.package, threads=a.threads, ctx=512, max_batch=512)
+    t = thresholds_for(model.pkg.manifest.sparsity, "paper", level)
+    text, desc = load_text(a.text, "validation")
+    window = model.ctx
+    ids = TextCodec(model.pkg).encode(text, special=False)
+    windows = token_windows(ids, window, max(1, a.tokens // window), desc)
+    rates = prune.activity(model, windows, t, progress=not a.quiet)
+    out, kept = prune.prune(model.pkg, Path(a.output), rates, a.max_rate, force=a.force)
+    n = model.cfg.ffn_dim
+    total = n * len(kept)
+    print(f"{desc}: {windows.size} tokens; pruned {total - sum(kept)} of {total} FFN neurons "
+          f"({1 - sum(kept) / total:.2%}) active on < {a.max_rate:g} of tokens at the {level:.0%} thresholds; "
+          f"kept per layer {kept}; wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -364,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--tokens", type=int, default=4096, help="tokens to study (default 4096)")
     an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active' (default 0.5)")
     an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plot")
+
+    pr = _text_command(sub, "prune", "drop FFN neurons calibration finds almost never active (writes a copy)",
+                       "validation", _prune)
+    pr.add_argument("-o", "--output", required=True, help="pruned package directory to create")
+    pr.add_argument("--max-rate", type=float, default=0.01,
+                    help="drop neurons active on fewer than this fraction of tokens (default 0.01)")
+    pr.add_argument("--level", default="0.5", help="calibrated level whose thresholds define 'active' (default 0.5)")
+    pr.add_argument("--tokens", type=int, default=16384, help="tokens to count activity on (default 16384)")
+    pr.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     r = sub.add_parser("run", help="generate text from a package (device)")
     r.add_argument("package")

@@ -256,9 +256,21 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
                     layers=tuple(layers), sparsity=sparsity, chat_template=tmpl)
 
 
-def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, tuple[int, ...]]:
-    """The shape every tensor must have for this config: the kernels index by these numbers."""
-    D, E, N, R = c.d_model, c.embed_dim, c.ffn_dim, c.ffn_rows
+def layer_neurons(c: ModelConfig, tensors: dict, layer: "LayerEntry", where: str) -> int:
+    """Neurons of one layer's FFN: config.ffn_dim, or fewer in a pruned package (edgesparse prune
+    drops neurons calibration found almost never active)."""
+    t = tensors.get(layer.ffn)
+    n = t.shape[0] if t is not None and t.shape else c.ffn_dim
+    if not 1 <= n <= c.ffn_dim:
+        raise PackageError(f"{where}: tensor {layer.ffn!r} has {n} neurons, expected 1 .. ffn_dim={c.ffn_dim}")
+    return n
+
+
+def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST, tensors: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape every tensor must have for this config: the kernels index by these numbers.
+    tensors: the manifest's, to read each layer's neuron count (pruned packages); without it every
+    layer has config.ffn_dim."""
+    D, E, R = c.d_model, c.embed_dim, c.ffn_rows
     shapes = {"embed": (c.vocab_size, E)}
     if c.final_norm:
         shapes["final_norm.weight"] = (D,)
@@ -276,12 +288,13 @@ def expected_shapes(c: ModelConfig, layers, where: str = MANIFEST) -> dict[str, 
     q = c.n_heads * c.head_dim
     qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
     rope = (c.max_position, c.rotary_dim // 2)
-    per_role = {"attn_norm": (D,), "qkv": (qkv, D), "qkv_bias": (qkv,), "o": (D, q), "o_bias": (D,),
-                "ffn_norm": (D,), "ffn": (N, R, D), "pred_q": (N, R - 1, D), "pred_scale": (N, R - 1),
-                "attn_norm_bias": (D,), "ffn_norm_bias": (D,), "q_norm": (c.head_dim,), "k_norm": (c.head_dim,),
-                "attn_out_norm": (D,), "ffn_out_norm": (D,), "ffn_bias_in": (N, R - 1), "ffn_bias_out": (D,),
-                "rope_cos": rope, "rope_sin": rope, "rope_cos_long": rope, "rope_sin_long": rope}
     for l in layers:
+        N = c.ffn_dim if tensors is None else layer_neurons(c, tensors, l, where)
+        per_role = {"attn_norm": (D,), "qkv": (qkv, D), "qkv_bias": (qkv,), "o": (D, q), "o_bias": (D,),
+                    "ffn_norm": (D,), "ffn": (N, R, D), "pred_q": (N, R - 1, D), "pred_scale": (N, R - 1),
+                    "attn_norm_bias": (D,), "ffn_norm_bias": (D,), "q_norm": (c.head_dim,), "k_norm": (c.head_dim,),
+                    "attn_out_norm": (D,), "ffn_out_norm": (D,), "ffn_bias_in": (N, R - 1), "ffn_bias_out": (D,),
+                    "rope_cos": rope, "rope_sin": rope, "rope_cos_long": rope, "rope_sin_long": rope}
         for role, name in l.tensor_names().items():
             if name in shapes and shapes[name] != per_role[role]:
                 raise PackageError(f"{where}: tensor {name!r} is used as {list(shapes[name])} and as "
@@ -318,7 +331,7 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
     pred_q = {l.pred_q for l in layers if l.pred_q is not None}
     for i, l in enumerate(layers):
         _check_layer_roles(c, l, f"{where}: layers[{i}]")
-    for name, shape in expected_shapes(c, layers, where).items():
+    for name, shape in expected_shapes(c, layers, where, tensors).items():
         if name not in tensors:
             raise PackageError(f"{where}: tensor {name!r} is missing")
         if tensors[name].shape != shape:

@@ -48,12 +48,12 @@ def collect(model, windows: np.ndarray, thresholds, t_pred=None, progress: bool 
         S = g.shape[0]
         a = np.empty_like(g)
         K.activation(g, act, a)
-        A[l, off:off + S] = np.abs(a * u) >= thresholds[l]
+        A[l, off:off + S, :g.shape[1]] = np.abs(a * u) >= thresholds[l]    # pruned neurons: never active
         if P is not None:
             lw = model.layers[l]
-            gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, f, wp)
+            gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, f, wp[:g.shape[1]])
             K.activation(gp, act, gp)
-            P[l, off:off + S] = np.abs(gp if up is None else gp * up) >= t_pred[l]
+            P[l, off:off + S, :g.shape[1]] = np.abs(gp if up is None else gp * up) >= t_pred[l]
         if l == L // 2:
             n = S // CHUNK
             c0 = off // CHUNK

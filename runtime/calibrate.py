@@ -88,11 +88,11 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
     methods = METHODS + (("predicted",) if predictor is not None else ())
     hist = {m: LogHistogram(L) for m in methods}
     act = K.ACT_CODES[model.cfg.activation]
-    h_buf = np.empty((window, model.cfg.ffn_dim), np.float32)
+    h_buf = np.empty(window * model.cfg.ffn_dim, np.float32)    # [S, N_l] views (N_l < N when pruned)
     a_buf = np.empty_like(h_buf)
     def observe(layer: int, offset: int, f, g, u) -> None:
-        S = g.shape[0]
-        a, h = a_buf[:S], h_buf[:S]
+        S, N = g.shape
+        a, h = a_buf[:S * N].reshape(S, N), h_buf[:S * N].reshape(S, N)
         K.activation(g, act, a)
         np.multiply(a, u, out=h)
         hist["paper"].add(layer, h)

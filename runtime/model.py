@@ -176,7 +176,8 @@ class Model:
         self._t = np.zeros((B, D), np.float32)           # a branch's output before its out-norm; FFN base
         self._xe = np.zeros((B, E), np.float32)          # embedding rows / projected final state
         # plain MLPs through BLAS: h = act(fc1 x + b) * 1, the gated formula with up = 1
-        self._ones = np.ones((B, N), np.float32) if not cfg.gated else None
+        # [S, N_l] views of flat buffers: a pruned package's layers have N_l <= N neurons
+        self._ones = np.ones(B * N, np.float32) if not cfg.gated else None
         self._nobase = np.zeros((0, 1), np.float32)      # "no residual" for K.linear
         self._none = np.zeros(0, np.float32)              # "no bias"
         self._partial_s = np.zeros((C, self._small, D), np.float32)
@@ -189,8 +190,8 @@ class Model:
         self._xn = np.zeros((1, D), np.float32)
         self._xo = np.zeros((1, E), np.float32)
         self.logits = np.zeros(cfg.vocab_size, np.float32)
-        self._g = np.zeros((self.max_batch, N), np.float32)
-        self._u = np.zeros((self.max_batch, N), np.float32)
+        self._g = np.zeros(self.max_batch * N, np.float32)
+        self._u = np.zeros(self.max_batch * N, np.float32)
         self._kept_s = np.zeros(self.max_batch, np.int64)
         self._fmask = np.zeros((self.max_batch, D), np.float32)
         # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
@@ -460,6 +461,11 @@ class Model:
         elif self.cfg.block == "post":
             self._norm(x, lw.ffn_norm, lw.ffn_norm_bias, x)
 
+    @staticmethod
+    def _rows(buf: np.ndarray, S: int, N: int) -> np.ndarray:
+        """A contiguous [S, N] view of a flat buffer."""
+        return buf[:S * N].reshape(S, N)
+
     def _predict_mask(self, l: int, fi: np.ndarray, h: np.ndarray) -> None:
         """BLAS prefill in predict mode: zero the exact h [S, N] of non-candidates, in place, and
         recount the kept neurons per token into _kept_s."""
@@ -467,8 +473,9 @@ class Model:
         lw, S = self.layers[l], h.shape[0]
         if self._wp is None:
             self._wp = np.empty((self.cfg.ffn_dim, self.cfg.ffn_rows - 1, self.cfg.d_model), np.float32)
-        gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, fi, self._wp)   # [S, N]
-        K.predict_mask(h, gp, self._ones[:S] if up is None else up, self.t_pred[l], self.act, self._cand_s[:S])
+        Nl = lw.ffn.shape[0]
+        gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, fi, self._wp[:Nl])   # [S, N_l]
+        K.predict_mask(h, gp, self._rows(self._ones, S, Nl) if up is None else up, self.t_pred[l], self.act, self._cand_s[:S])
         self._kept_s[:S] = np.count_nonzero(h, axis=1)
         self.counts[l, 2] += int(self._cand_s[:S].sum())
 
@@ -480,20 +487,21 @@ class Model:
         self._embed(self._tok, x)
         f = self.ffn_in[:1]             # [1, D]
         kept = rows = 0
-        N, R = cfg.ffn_dim, cfg.ffn_rows
+        R = cfg.ffn_rows
         for l in range(cfg.n_layers):
             self._willneed(l + 1)
             self._attention(l, 1)
             base = self._ffn_base(l, 1)
             fi, t, mode = self._ffn_input(l, f)
             lw = self.layers[l]
+            N = lw.ffn.shape[0]
             if self.ffn_mode == "predict":
                 k, c = K.ffn_predict(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
-                                     t, self.act, x[0], self.h[l], self._partial, self._kept, self._cand, self._order)
+                                     t, self.act, x[0], self.h[l, :N], self._partial, self._kept, self._cand, self._order)
                 rows += (R - 1) * c + k
                 self.counts[l, 2] += c
             else:
-                k = K.ffn_glu(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l],
+                k = K.ffn_glu(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l, :N],
                               self._partial, self._kept, mode)
                 # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
                 rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
@@ -513,7 +521,6 @@ class Model:
         x = self.hidden[:S]             # [S, D]
         self._embed(tokens, x)
         f = self.ffn_in[:S]
-        g, u = self._g[:S], self._u[:S]  # [S, N]
         R = cfg.ffn_rows
         for l in range(cfg.n_layers):
             self._willneed(l + 1)
@@ -521,6 +528,8 @@ class Model:
             base = self._ffn_base(l, S)
             lw = self.layers[l]
             w = lw.ffn
+            N = w.shape[0]
+            g, u = self._rows(self._g, S, N), self._rows(self._u, S, N)   # [S, N_l]
             fi, t, mode = self._ffn_input(l, f)
             predict = self.ffn_mode == "predict"
             if S <= self._small and self.observer is None:
@@ -543,7 +552,7 @@ class Model:
             if R == 3:
                 np.matmul(fi, w[:, 1, :].T, out=u)
             else:
-                u = self._ones[:S]
+                u = self._rows(self._ones, S, N)
             if lw.ffn_bias_in.size:
                 g += lw.ffn_bias_in[:, 0]
                 if R == 3:
