@@ -222,56 +222,68 @@ def _ort(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     return _hf_generate(model, model.config.vocab_size, n_prompt, n_gen, t_load, wb)
 
 
-def disable_repack(low) -> bool:
-    """Make llama-cpp-python load weights without llama.cpp's CPU repacking ("extra buffer types",
-    `--no-repack`): on this workstation's CPU, quantized GGUFs crash with it. `low` is the
-    llama_cpp.llama_cpp module; Llama() builds its model parameters from its
-    llama_model_default_params(), so the default is wrapped. False if this binding predates the
-    use_extra_bufts field (llama.cpp before mid-2025), where repacking cannot be turned off."""
-    if "use_extra_bufts" not in {f[0] for f in low.llama_model_params._fields_}:
-        return False
-    orig = getattr(low.llama_model_default_params, "__wrapped__", low.llama_model_default_params)
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    params.__wrapped__ = orig
-    low.llama_model_default_params = params
-    return True
+_llama_quiet = None
 
 
 def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    import sys
+    """llama.cpp through llama-cpp-python's C API (not its Llama class): the model parameters are
+    ours to set, and use_extra_bufts = False turns llama.cpp's CPU weight repacking off
+    (`--no-repack`), without which quantized GGUFs crash on this workstation's CPU."""
+    import ctypes
 
     import numpy as np
-    from llama_cpp import Llama
+    import llama_cpp as L
 
     from .bench import latency_stats, prompt_ids, rss_split_mb
 
-    no_repack = disable_repack(importlib.import_module("llama_cpp.llama_cpp"))
-    if not no_repack:
-        print("bench: this llama-cpp-python cannot turn weight repacking off (no use_extra_bufts); "
-              "quantized GGUFs may crash on some CPUs", file=sys.stderr)
+    global _llama_quiet
+    if _llama_quiet is None:      # llama.cpp logs every tensor to stderr; the callback must outlive the calls
+        _llama_quiet = L.llama_log_callback(lambda level, text, user_data: None)
+        L.llama_log_set(_llama_quiet, ctypes.c_void_p(0))
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    if "use_extra_bufts" not in {f[0] for f in type(mp)._fields_}:
+        raise EdgesparseError("--against llama.cpp: this llama-cpp-python cannot turn weight repacking off "
+                              "(no use_extra_bufts; llama.cpp before mid-2025): upgrade llama-cpp-python")
+    mp.use_extra_bufts = False
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
-                n_batch=max(n_prompt, 8), use_mmap=True, verbose=False)
+    model = L.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise EdgesparseError(f"{path}: llama.cpp cannot load this GGUF")
+    cp = L.llama_context_default_params()
+    cp.n_ctx = n_prompt + n_gen + 8
+    cp.n_batch = cp.n_ubatch = max(n_prompt, 8)
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
     t_load = time.perf_counter() - t0
     after_load = rss_split_mb()
-    ids = prompt_ids(n_prompt, llm.n_vocab()).tolist()
-    llm.eval(ids[:2])            # warm-up: a batch and a single token
-    llm.eval(ids[2:3])
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    prefill = time.perf_counter() - t
-    lat = []
-    for _ in range(n_gen - 1):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))    # [V] logits of the last token
+    V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    mem = L.llama_get_memory(ctx)
+
+    def decode(ids: list[int]) -> np.ndarray:
+        arr = (L.llama_token * len(ids))(*ids)
+        if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(ids))) != 0:
+            raise EdgesparseError(f"{path}: llama_decode failed")
+        return np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(ctx, -1), ctypes.POINTER(ctypes.c_float)),
+                                     shape=(V,))            # [V] logits of the last token
+    try:
+        ids = prompt_ids(n_prompt, V).tolist()
+        decode(ids[:2])              # warm-up: a batch and a single token, then a fresh sequence
+        decode(ids[2:3])
+        L.llama_memory_clear(mem, True)
         t = time.perf_counter()
-        llm.eval([tok])
-        lat.append(time.perf_counter() - t)
+        logits = decode(ids)
+        prefill = time.perf_counter() - t
+        lat = []
+        for _ in range(n_gen - 1):
+            tok = int(np.argmax(logits))
+            t = time.perf_counter()
+            logits = decode([tok])
+            lat.append(time.perf_counter() - t)
+    finally:
+        L.llama_free(ctx)
+        L.llama_model_free(model)
     # a dense engine reads every tensor once per token: the GGUF's size (its metadata is negligible)
     return {"load_s": t_load, **latency_stats(prefill, lat), "bytes_per_token": float(os.path.getsize(path)),
-            "after_load": after_load, "end": rss_split_mb(), "repack": not no_repack}
+            "after_load": after_load, "end": rss_split_mb(), "repack": False}
