@@ -8,7 +8,6 @@ import json
 import os
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from edgesparse.cli import main
