@@ -16,7 +16,6 @@ Everything heavy is imported inside functions: the device side imports this modu
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -148,10 +147,10 @@ def prepare(engine: str, pkg, cache: Path, gguf: str | None = None, log=None) ->
         return str(hf)
 
     def save_ort(tmp: Path) -> None:
-        from optimum.onnxruntime import ORTModelForCausalLM
+        from edgesparse.export import hf_engines
         if log:
             log(f"--against ort: exporting it with optimum to {base / 'ort'} (once)")
-        ORTModelForCausalLM.from_pretrained(hf, export=True, use_cache=True).save_pretrained(tmp)
+        hf_engines.save_ort(hf, tmp)
 
     return str(_atomic_dir(base / "ort", save_ort))
 
@@ -159,67 +158,11 @@ def prepare(engine: str, pkg, cache: Path, gguf: str | None = None, log=None) ->
 # -- workers (run in a fresh process each; see bench.py) -----------------------------------------------
 def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     check_installed(engine)
-    return {"ort": _ort, "transformers": _transformers, "llama.cpp": _llama_cpp}[engine](path, threads, n_prompt, n_gen)
-
-
-def _hf_generate(model, vocab: int, n_prompt: int, n_gen: int, t_load: float, weight_bytes: int) -> dict:
-    """Time transformers' generate loop (used by both HF engines) token by token: a stopping
-    criterion is called once per generated token, right after its logits are computed."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    from .bench import latency_stats, prompt_ids, rss_split_mb
-
-    after_load = rss_split_mb()
-
-    class Stamps(StoppingCriteria):
-        def __init__(self):
-            self.t: list[float] = []
-
-        def __call__(self, input_ids, scores, **kw):
-            self.t.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-    x = torch.tensor([prompt_ids(n_prompt, vocab).tolist()])
-    kw = dict(do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
-    with torch.no_grad():
-        model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)          # warm-up
-        st = Stamps()
-        t0 = time.perf_counter()
-        model.generate(x, max_new_tokens=n_gen, min_new_tokens=n_gen,       # min: EOS ignored
-                       stopping_criteria=StoppingCriteriaList([st]), **kw)
-    lat = [b - a for a, b in zip(st.t, st.t[1:])]
-    return {"load_s": t_load, **latency_stats(st.t[0] - t0, lat), "bytes_per_token": float(weight_bytes),
-            "after_load": after_load, "end": rss_split_mb()}
-
-
-def _transformers(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    t_load = time.perf_counter() - t0
-    # every parameter is read once per token (tied embeddings counted once)
-    wb = sum(p.numel() * p.element_size() for p in model.parameters())
-    return _hf_generate(model, model.config.vocab_size, n_prompt, n_gen, t_load, wb)
-
-
-def _ort(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    import onnxruntime as ort
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-    torch.set_num_threads(threads)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    t0 = time.perf_counter()
-    model = ORTModelForCausalLM.from_pretrained(path, use_cache=True, session_options=so,
-                                                provider="CPUExecutionProvider")
-    t_load = time.perf_counter() - t0
-    # the ONNX graph and its external weights: all read once per token
-    wb = sum(f.stat().st_size for f in Path(path).iterdir() if ".onnx" in f.name)
-    return _hf_generate(model, model.config.vocab_size, n_prompt, n_gen, t_load, wb)
+    if engine == "llama.cpp":
+        return _llama_cpp(path, threads, n_prompt, n_gen)
+    # the HF engines need torch/transformers/optimum: workstation side ([export] extra)
+    from edgesparse.export import hf_engines
+    return hf_engines.measure(engine, path, threads, n_prompt, n_gen)
 
 
 _llama_quiet = None

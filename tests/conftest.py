@@ -126,3 +126,18 @@ def tiny_model_factory(tmp_path_factory):
         _save_tokenizer(path, cfg.vocab_size)
         return path
     return make
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """init for tiny_model_factory: random biases and norm weights. transformers initialises them to
+    zeros and ones (Gemma's 1 + w: zeros), which would hide a dropped bias or a swapped norm."""
+    def init(model) -> None:
+        import torch
+        g = torch.Generator().manual_seed(7)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.data = torch.randn(p.shape, generator=g) * 0.5
+            elif "norm" in name and name.endswith(".weight"):
+                p.data = p.data + torch.randn(p.shape, generator=g) * 0.2
+    return init

@@ -53,24 +53,13 @@ ARCHS = {
 DOWN = {"phi": "mlp.fc2", "opt": "fc2", "opt_post": "fc2"}
 
 
-def _randomize(model) -> None:
-    """Random biases and norm weights (transformers initialises them to 0 / 1)."""
-    import torch
-    g = torch.Generator().manual_seed(7)
-    for name, p in model.named_parameters():
-        if name.endswith(".bias"):
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-        elif "norm" in name and name.endswith(".weight"):
-            p.data = p.data + torch.randn(p.shape, generator=g) * 0.2
-
-
 @pytest.fixture(scope="module", params=list(ARCHS))
-def arch(request, tiny_model_factory, tmp_path_factory):
+def arch(request, tiny_model_factory, tmp_path_factory, randomize):
     import torch
     import transformers
     from edgesparse.export import export
     cfg_cls, model_cls, over = ARCHS[request.param]
-    d = tiny_model_factory(cfg_cls, model_cls, seed=3, init=_randomize, **over)
+    d = tiny_model_factory(cfg_cls, model_cls, seed=3, init=randomize, **over)
     torch.set_grad_enabled(False)
     hf = getattr(transformers, model_cls).from_pretrained(d, dtype=torch.float32).eval()
     pkg = export(str(d), tmp_path_factory.mktemp(request.param) / "m.esp", progress=False)

@@ -28,24 +28,14 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "u
              "fc1", "fc2", "embed_tokens", "lm_head")
 
 
-def _randomize(model) -> None:
-    import torch
-    g = torch.Generator().manual_seed(7)
-    for name, p in model.named_parameters():
-        if name.endswith(".bias"):
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-        elif "norm" in name and name.endswith(".weight"):
-            p.data = p.data + torch.randn(p.shape, generator=g) * 0.2
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tiny_model_factory, tmp_path_factory):
+def case(request, tiny_model_factory, tmp_path_factory, randomize):
     import torch
     import transformers
     from edgesparse.export import export
     from edgesparse.export.exporter import quantize_rows
     cfg_cls, model_cls, over = CASES[request.param]
-    d = tiny_model_factory(cfg_cls, model_cls, seed=5, init=_randomize, **over)
+    d = tiny_model_factory(cfg_cls, model_cls, seed=5, init=randomize, **over)
     torch.set_grad_enabled(False)
     hf = getattr(transformers, model_cls).from_pretrained(d, dtype=torch.float32).eval()
     # The quantized model as transformers sees it. Linear weights [out, in] and embeddings [V, D]
