@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library. `main(argv) -> int`; `python -m edgesparse` works.
 
-    edgesparse export [MODEL] -o DIR [--dtype float32|float16|int8] [--force]     (workstation)
+    edgesparse export [MODEL] -o DIR [--dtype float32|float16|int8|int4] [--force]     (workstation)
     edgesparse run PKG -p PROMPT [-n N] [--ffn dense|threshold|predict] ...   (device)
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=None,
                    help="GGUF file, HF model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     e.add_argument("-o", "--output", required=True, help="package directory to create")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"],
-                   help="weight storage (int8: symmetric, one scale per row)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8", "int4"],
+                   help="weight storage (int8: one scale per row; int4: Q4_0-style groups of 32)")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.add_argument("--calibrate", metavar="TEXT", help="calibrate thresholds on TEXT after export")

@@ -41,8 +41,12 @@ FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PAGE = 4096  # raw tensor offsets are multiples of this so each tensor can be mmap'd page-aligned
 
-# dtype name -> (numpy dtype string, little-endian, bytes per element)
-DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int8": "<i1"}
+# dtype name -> numpy dtype of its storage unit (little-endian)
+DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int8": "<i1", "int4": "<u1"}
+# values per storage unit: int4 packs two per byte along the last axis (edgesparse/quant.py)
+PACKED = {"int4": 2}
+# weight dtypes and what their NAME.scale tensor holds (see edgesparse/quant.py)
+QUANTIZED = {"int8": "one float32 scale per row", "int4": "one float16 scale per group of 32"}
 FILE_KINDS = ("raw", "onnx", "tokenizer")
 SPARSITY_METHODS = ("none", "synthetic", "paper", "gate", "input")
 
@@ -65,7 +69,13 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * int(DTYPES[self.dtype][-1])
+        return math.prod(self.shape) * int(DTYPES[self.dtype][-1]) // PACKED.get(self.dtype, 1)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the array as stored: int4's last axis holds two values per byte."""
+        p = PACKED.get(self.dtype, 1)
+        return self.shape[:-1] + (self.shape[-1] // p,) if p > 1 else self.shape
 
 
 # A layer's tensors by role (HF naming, mapped once at export): role -> required?
@@ -201,6 +211,8 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
         offset = _need(t, "offset", int, w)
         if offset < 0 or offset % PAGE:
             raise PackageError(f"{w}: offset {offset} is not a non-negative multiple of {PAGE}")
+        if dtype == "int4" and shape[-1] % 32:
+            raise PackageError(f"{w}: an int4 tensor's rows are groups of 32 values; the last axis is {shape[-1]}")
         te = TensorEntry(name, file, dtype, tuple(shape), offset)
         if offset + te.nbytes > files[file].size:
             raise PackageError(f"{w}: bytes {offset}..{offset + te.nbytes} run past the end of {file} "
@@ -337,15 +349,18 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
         if tensors[name].shape != shape:
             raise PackageError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                                f"the config needs {list(shape)}")
-        want = ("int8",) if name in pred_q else ("float32", "float16", "int8")
-        if tensors[name].dtype not in want:
+        want = ("int8",) if name in pred_q else ("float32", "float16", "int8", "int4")
+        dt = tensors[name].dtype
+        if dt not in want:
             raise PackageError(f"{where}: tensor {name!r} must be {' or '.join(want)}")
-        if tensors[name].dtype == "int8" and name not in pred_q:
-            # int8 weights: symmetric, one float32 scale per row (the last axis is the row)
+        if dt in QUANTIZED and name not in pred_q:
+            # int8: one float32 scale per row (the last axis is the row); int4: one float16 scale
+            # per group of 32 along the row (edgesparse/quant.py)
+            s_dt, s_shape = ("float32", shape[:-1]) if dt == "int8" else ("float16", shape[:-1] + (shape[-1] // 32,))
             sc = tensors.get(name + ".scale")
-            if sc is None or sc.dtype != "float32" or sc.shape != shape[:-1]:
-                raise PackageError(f"{where}: int8 tensor {name!r} needs a float32 tensor {name + '.scale'!r} "
-                                   f"of shape {list(shape[:-1])} (one scale per row)")
+            if sc is None or sc.dtype != s_dt or sc.shape != s_shape:
+                raise PackageError(f"{where}: {dt} tensor {name!r} needs a {s_dt} tensor {name + '.scale'!r} "
+                                   f"of shape {list(s_shape)} ({QUANTIZED[dt]})")
     # Norm weights, biases and rotary tables are tiny and read as float32 by the kernels (and the
     # rotary tables are bound as ONNX Runtime's float cos/sin caches).
     for name in ("final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"):
@@ -456,7 +471,10 @@ def write_raw(path: Path, rel: str, tensors) -> tuple[FileEntry, dict[str, Tenso
             data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[dtype])).tobytes()
             fh.write(data)
             h.update(data)
-            entries[name] = TensorEntry(name, rel, dtype, tuple(int(s) for s in arr.shape), pos)
+            shape = tuple(int(s) for s in arr.shape)
+            if dtype in PACKED:     # arr is the packed storage; the manifest records the values' shape
+                shape = shape[:-1] + (shape[-1] * PACKED[dtype],)
+            entries[name] = TensorEntry(name, rel, dtype, shape, pos)
             pos += len(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -11,12 +11,13 @@ from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
+from edgesparse.quant import GROUP, quantize_int4, quantize_rows
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
 from .writer import PackageWriter
 
-STORAGE_DTYPES = ("float32", "float16", "int8")
+STORAGE_DTYPES = ("float32", "float16", "int8", "int4")
 
 
 def rope_tables(cfg, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,22 +63,19 @@ def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
         head_bias="lm_head.bias" in g)
 
 
-def quantize_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 storage: symmetric, one scale per row (last axis), q = round(w / s), s = max|w| / 127.
-    a [..., D] -> (q [..., D] int8, s [...] float32). An all-zero row gets scale 0 and q = 0."""
-    a = np.asarray(a, np.float32)
-    s = np.abs(a).max(axis=-1) / 127.0
-    safe = np.where(s > 0, s, 1.0)
-    q = np.clip(np.rint(a / safe[..., None]), -127, 127).astype(np.int8)
-    return q, s.astype(np.float32)
-
-
 def _stored(name: str, a: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray, str]]:
-    """One tensor as written: float32/float16 as is, int8 as (q, name.scale)."""
-    if dtype != "int8":
-        return [(name, a, dtype)]
-    q, s = quantize_rows(a)
-    return [(name, q, "int8"), (name + ".scale", s, "float32")]
+    """One tensor as written: float32/float16 as is, int8 as (q, name.scale float32 per row), int4
+    as (packed nibbles, name.scale float16 per group of 32) -- edgesparse/quant.py."""
+    if dtype == "int8":
+        q, s = quantize_rows(a)
+        return [(name, q, "int8"), (name + ".scale", s, "float32")]
+    if dtype == "int4":
+        if a.shape[-1] % GROUP:
+            raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
+                                  f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
+        q, s = quantize_int4(a)
+        return [(name, q, "int4"), (name + ".scale", s, "float16")]
+    return [(name, a, dtype)]
 
 
 # Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,

@@ -139,14 +139,15 @@ def bytes_per_token(m) -> float:
     """Weight bytes a decode step reads: the attention projections, the FFN rows the kernel touched
     (gate, up and down rows, counted per step), the predictor in predict mode, one embedding row,
     and the whole lm_head."""
-    cfg = m.cfg
-    f = m.ffn[0].dtype.itemsize
-    attn = sum(lw.qkv.nbytes + lw.o.nbytes for lw in m.layers)
+    lw0 = m.layers[0]
+    # bytes of one FFN row with its scales (int8: one per row; int4: one per group of 32)
+    row = (lw0.ffn.nbytes + lw0.ffn_scale.nbytes) / (lw0.ffn.shape[0] * lw0.ffn.shape[1])
+    attn = sum(lw.qkv.nbytes + lw.o.nbytes + lw.qkv_scale.nbytes + lw.o_scale.nbytes for lw in m.layers)
     rows = np.mean(m.stats.ffn_rows) if m.stats.ffn_rows else 0.0
-    ffn = rows * cfg.d_model * f
+    ffn = rows * row
     if m.ffn_mode == "predict":
         ffn += sum(lw.pred_q.nbytes + lw.pred_scale.nbytes for lw in m.layers)
-    head = m.head.nbytes + m.embed[0].nbytes
+    head = m.head.nbytes + m.head_scale.nbytes + m.embed[0].nbytes
     return float(attn + ffn + head)
 
 

@@ -10,7 +10,11 @@ h = act(fc1.x + b), i.e. a gated FFN whose up is 1. bias b [N, R-1] holds each n
 biases (shape [0, R-1] when the model has none). A neuron with h == 0 exactly (ReLU's natural
 zeros) never reads its down column, whatever the threshold: skipping it changes nothing. float16 weights arrive as their uint16 bit patterns (Numba has no CPU float16)
 and are widened to float32 as they are loaded (_h2f: LLVM half -> float, vcvtph2ps / fcvt);
-accumulation is always float32.
+int4 weights (--dtype int4, edgesparse/quant.py) arrive as their packed bytes, uint8 [..., D/2],
+with float16 group scales (uint16 bits) [..., D/32] in place of the row scales: ws [N, R, D/32]
+for the FFN, [O, D/32] for a projection or embedding. Accumulation is always float32.
+The dtype decides the code at compile time: _dot, _dot2, _add_down, _rows4 and _gather_row are
+overloaded per weight dtype, so each dtype gets its own specialization of every kernel.
 
 fastmath: lets LLVM reorder the dot-product sums into SIMD lanes; the order differs from
 NumPy's, which is why tests compare with a tolerance rather than bitwise.
@@ -84,6 +88,101 @@ def _ld1_impl(a, k):
     return lambda a, k: a[k]
 
 
+def _q4(a) -> bool:
+    """True for int4 weights: packed nibbles arrive as uint8 (int8 is signed, float16 is uint16)."""
+    return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 8 and not a.dtype.signed
+
+
+@njit(fastmath=True)
+def _dot_q4(row, sc, x):
+    """sum_k w_k x_k for one int4 row: row [D/2] uint8, sc [D/32] float16 bits, x [D].
+    Per group g of B = 16 bytes: low nibbles meet x[32g .. 32g+15], high nibbles x[32g+16 ..
+    32g+31]; the group's sum is scaled once. B is taken from the shapes on purpose: with the
+    constant 16 LLVM unrolls this loop and vectorizes across groups instead, with gathers (9.5 vs
+    5.4 ms for SmolLM2's 30 layers of gate and up rows on 2 threads)."""
+    B = row.shape[0] // sc.shape[0]
+    acc = np.float32(0.0)
+    for g in range(sc.shape[0]):
+        s = np.float32(0.0)
+        o = B * g
+        xo = 2 * B * g
+        for j in range(B):
+            b = row[o + j]
+            s += (np.float32(np.int32(b & 15) - 8) * x[xo + j]
+                  + np.float32(np.int32(b >> 4) - 8) * x[xo + B + j])
+        acc += s * _h2f(sc[g])
+    return acc
+
+
+@njit(fastmath=True)
+def _axpy_q4(acc, h, row, sc):
+    """acc [D] += h * the int4 row (row [D/2] uint8, sc [D/32] float16 bits); B as in _dot_q4."""
+    B = row.shape[0] // sc.shape[0]
+    for g in range(sc.shape[0]):
+        hs = h * _h2f(sc[g])
+        o = B * g
+        xo = 2 * B * g
+        # two loops, not one: LLVM cannot prove the two runs of acc apart for a runtime B and
+        # would not vectorize a loop that writes both
+        for j in range(B):
+            acc[xo + j] += hs * np.float32(np.int32(row[o + j] & 15) - 8)
+        for j in range(B):
+            acc[xo + B + j] += hs * np.float32(np.int32(row[o + j] >> 4) - 8)
+
+
+@njit(inline="always", fastmath=True)
+def _dot_rows(wi, r, x):
+    """sum_k wi[r, k] x_k, unscaled, for float32, float16 bits or int8 rows."""
+    a = np.float32(0.0)
+    for k in range(x.shape[0]):
+        a += _ld(wi, r, k) * x[k]
+    return a
+
+
+def _dot(wi, ws, i, r, x):
+    """Row r of neuron i's block wi [R, ·] dotted with x [D], scaled: the float32 value of gate.x
+    (r = 0) or up.x (r = 1). ws: the FFN's scales ([N, R] int8, [N, R, G] int4, [0, R] float)."""
+
+
+@overload(_dot)
+def _dot_impl(wi, ws, i, r, x):
+    if _q4(wi):
+        return lambda wi, ws, i, r, x: _dot_q4(wi[r], ws[i, r], x)
+
+    def f(wi, ws, i, r, x):
+        a = _dot_rows(wi, r, x)
+        return a * ws[i, r] if ws.shape[0] > 0 else a
+    return f
+
+
+def _dot2(wi, ws, i, x):
+    """(gate.x, up.x) of neuron i, scaled."""
+
+
+@njit(inline="always", fastmath=True)
+def _dot2_rows(wi, x):
+    # One pass for both dot products: two independent accumulator chains over the same x loads.
+    g = np.float32(0.0)
+    u = np.float32(0.0)
+    for k in range(x.shape[0]):
+        g += _ld(wi, 0, k) * x[k]
+        u += _ld(wi, 1, k) * x[k]
+    return g, u
+
+
+@overload(_dot2)
+def _dot2_impl(wi, ws, i, x):
+    if _q4(wi):
+        return lambda wi, ws, i, x: (_dot_q4(wi[0], ws[i, 0], x), _dot_q4(wi[1], ws[i, 1], x))
+
+    def f(wi, ws, i, x):
+        g, u = _dot2_rows(wi, x)
+        if ws.shape[0] > 0:
+            return g * ws[i, 0], u * ws[i, 1]
+        return g, u
+    return f
+
+
 @njit(inline="always", fastmath=True)
 def _neuron_h(wi, ws, b, i, x, act, thr, mode):
     """(h, keep) for neuron i with rows wi [R, D], row scales ws [N, R] (int8; [0, R] for float)
@@ -92,15 +191,9 @@ def _neuron_h(wi, ws, b, i, x, act, thr, mode):
     threshold. Decode and small-batch prefill both call this, so for the same input they compute
     the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)| is below t
     never reads its up row (h is reported as 0)."""
-    g = np.float32(0.0)
-    u = np.float32(0.0)
     gated = wi.shape[0] == 3
-    scaled = ws.shape[0] > 0
     if mode == 1 or not gated:
-        for k in range(x.shape[0]):
-            g += _ld(wi, 0, k) * x[k]
-        if scaled:
-            g *= ws[i, 0]
+        g = _dot(wi, ws, i, 0, x)
         if b.shape[0] > 0:
             g += b[i, 0]
         a = _act(act, g)
@@ -108,21 +201,12 @@ def _neuron_h(wi, ws, b, i, x, act, thr, mode):
             return a, a != 0.0 and abs(a) >= thr
         if not abs(a) >= thr:
             return np.float32(0.0), False
-        for k in range(x.shape[0]):
-            u += _ld(wi, 1, k) * x[k]
-        if scaled:
-            u *= ws[i, 1]
+        u = _dot(wi, ws, i, 1, x)
         if b.shape[0] > 0:
             u += b[i, 1]
         h = a * u
         return h, h != 0.0
-    # One pass for both dot products: two independent accumulator chains over the same x loads.
-    for k in range(x.shape[0]):
-        g += _ld(wi, 0, k) * x[k]
-        u += _ld(wi, 1, k) * x[k]
-    if scaled:
-        g *= ws[i, 0]
-        u *= ws[i, 1]
+    g, u = _dot2(wi, ws, i, x)
     if b.shape[0] > 0:
         g += b[i, 0]
         u += b[i, 1]
@@ -130,13 +214,27 @@ def _neuron_h(wi, ws, b, i, x, act, thr, mode):
     return h, h != 0.0 and abs(h) >= thr
 
 
-@njit(inline="always", fastmath=True)
 def _add_down(acc, s, wi, ws, i, h):
-    """acc[s] += h * neuron i's down column wi[R-1] [D]; an int8 column's scale is folded into h."""
+    """acc[s] += h * neuron i's down column wi[R-1] [D]; an int8 column's scale is folded into h,
+    an int4 column's group scales into h group by group."""
+
+
+@njit(inline="always", fastmath=True)
+def _add_down_rows(acc, s, wi, ws, i, h):
     R = wi.shape[0]
     hd = h * ws[i, R - 1] if ws.shape[0] > 0 else h
     for k in range(acc.shape[1]):
         acc[s, k] += hd * _ld(wi, R - 1, k)
+
+
+@overload(_add_down)
+def _add_down_impl(acc, s, wi, ws, i, h):
+    if _q4(wi):
+        return lambda acc, s, wi, ws, i, h: _axpy_q4(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
+
+    def f(acc, s, wi, ws, i, h):
+        _add_down_rows(acc, s, wi, ws, i, h)
+    return f
 
 
 @njit(inline="always")
@@ -206,9 +304,7 @@ def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0
 
 
 @njit(inline="always")
-def _emit(Y, ws, bias, base, s, i, v):
-    if ws.shape[0] > 0:
-        v *= ws[i]
+def _emit(Y, bias, base, s, i, v):
     if bias.shape[0] > 0:
         v += bias[i]
     if base.shape[0] > 0:
@@ -216,13 +312,74 @@ def _emit(Y, ws, bias, base, s, i, v):
     Y[s, i] = v
 
 
+@njit(inline="always", fastmath=True)
+def _rows4_plain(w, ws, X, bias, base, Y, b0, b1):
+    """Rows 4*b0 .. 4*b1 (clipped to O) of Y = w X (+ bias) (+ base) for float32, float16 bits or
+    int8 rows (times ws[i] when ws is not empty)."""
+    O, D = w.shape
+    S = X.shape[0]
+    sc = ws.shape[0] > 0
+    for b in range(b0, b1):
+        i = 4 * b
+        if i + 4 <= O:
+            for s in range(S):
+                # Blocks of 4 rows: four independent accumulator chains share each load of X[s, k]
+                # (one chain per row is latency bound on one core: 10.0 vs 8.8 ms for SmolLM2's
+                # projections on 1 thread).
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for k in range(D):
+                    xk = X[s, k]
+                    a0 += _ld(w, i, k) * xk
+                    a1 += _ld(w, i + 1, k) * xk
+                    a2 += _ld(w, i + 2, k) * xk
+                    a3 += _ld(w, i + 3, k) * xk
+                if sc:
+                    a0 *= ws[i]
+                    a1 *= ws[i + 1]
+                    a2 *= ws[i + 2]
+                    a3 *= ws[i + 3]
+                _emit(Y, bias, base, s, i, a0)
+                _emit(Y, bias, base, s, i + 1, a1)
+                _emit(Y, bias, base, s, i + 2, a2)
+                _emit(Y, bias, base, s, i + 3, a3)
+        else:
+            for j in range(i, O):
+                for s in range(S):
+                    a = np.float32(0.0)
+                    for k in range(D):
+                        a += _ld(w, j, k) * X[s, k]
+                    _emit(Y, bias, base, s, j, a * ws[j] if sc else a)
+
+
+def _rows4(w, ws, X, bias, base, Y, b0, b1):
+    """Rows 4*b0 .. 4*b1 (clipped to O) of Y = w X (+ bias) (+ base), w [O, ·] of any dtype."""
+
+
+@overload(_rows4, inline="always")
+def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
+    if _q4(w):
+        def f(w, ws, X, bias, base, Y, b0, b1):
+            for j in range(4 * b0, min(4 * b1, w.shape[0])):
+                for s in range(X.shape[0]):
+                    _emit(Y, bias, base, s, j, _dot_q4(w[j], ws[j], X[s]))
+        return f
+
+    def f(w, ws, X, bias, base, Y, b0, b1):
+        _rows4_plain(w, ws, X, bias, base, Y, b0, b1)
+    return f
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def linear(w, ws, X, bias, base, Y, chunks):
     """Y[s] = w @ X[s] (+ bias) (+ base[s]) for a few tokens: the attention projections and the
     lm_head, memory bound, so every weight row is read once and applied to all S tokens.
 
-    w:     [O, D] float32 (or uint16 float16 bits, or int8), nn.Linear's [out, in] layout (mmap'd)
-    ws:    [O] float32 row scales of int8 weights, or shape [0]
+    w:     [O, D] float32 (or uint16 float16 bits, or int8, or uint8 packed int4 [O, D/2]),
+           nn.Linear's [out, in] layout (mmap'd)
+    ws:    [O] float32 row scales of int8 weights, [O, D/32] float16 bits of int4 ones, or shape [0]
     X:     [S, D] float32
     bias:  [O] float32, or shape [0] for none
     base:  [S, O] float32 added to the result (the residual stream), or shape [0, O] for none;
@@ -230,46 +387,15 @@ def linear(w, ws, X, bias, base, Y, chunks):
     Y:     [S, O] float32
     chunks: contiguous row ranges, one per thread
     """
-    O, D = w.shape
-    S = X.shape[0]
-    nb = (O + 3) // 4
+    nb = (w.shape[0] + 3) // 4
     for c in prange(chunks):
-        # Blocks of 4 rows: four independent accumulator chains share each load of X[s, k]
-        # (one chain per row is latency bound on one core: 10.0 vs 8.8 ms for SmolLM2's
-        # projections on 1 thread).
-        b0 = c * nb // chunks
-        b1 = (c + 1) * nb // chunks
-        for b in range(b0, b1):
-            i = 4 * b
-            if i + 4 <= O:
-                for s in range(S):
-                    a0 = np.float32(0.0)
-                    a1 = np.float32(0.0)
-                    a2 = np.float32(0.0)
-                    a3 = np.float32(0.0)
-                    for k in range(D):
-                        xk = X[s, k]
-                        a0 += _ld(w, i, k) * xk
-                        a1 += _ld(w, i + 1, k) * xk
-                        a2 += _ld(w, i + 2, k) * xk
-                        a3 += _ld(w, i + 3, k) * xk
-                    _emit(Y, ws, bias, base, s, i, a0)
-                    _emit(Y, ws, bias, base, s, i + 1, a1)
-                    _emit(Y, ws, bias, base, s, i + 2, a2)
-                    _emit(Y, ws, bias, base, s, i + 3, a3)
-            else:
-                for j in range(i, O):
-                    for s in range(S):
-                        a = np.float32(0.0)
-                        for k in range(D):
-                            a += _ld(w, j, k) * X[s, k]
-                        _emit(Y, ws, bias, base, s, j, a)
+        _rows4(w, ws, X, bias, base, Y, c * nb // chunks, (c + 1) * nb // chunks)
 
 
 @njit(fastmath=True, cache=True)
 def matvec(w, ws, x, y, chunks):
-    """y = w @ x for w [V, D] float32 (or uint16 float16 bits, or int8 with row scales ws [V]);
-    y [V]. The lm_head."""
+    """y = w @ x for w [V, D] float32 (or uint16 float16 bits, int8 with row scales ws [V], int4
+    with group scales ws [V, D/32]); y [V]. The lm_head."""
     D = x.shape[0]
     V = y.shape[0]
     linear(w, ws, x.reshape((1, D)), np.empty(0, np.float32), np.empty((0, V), np.float32),
@@ -331,17 +457,38 @@ def head_rms_norm(qkv, wq, wk, n_heads, n_kv_heads, head_dim, eps):
                 qkv[s, o + k] = qkv[s, o + k] * inv * w[k]
 
 
+def _gather_row(table, ts, t, scale, out):
+    """out [D] = table[t] * scale, dequantized."""
+
+
+@overload(_gather_row, inline="always")
+def _gather_row_impl(table, ts, t, scale, out):
+    if _q4(table):
+        def f(table, ts, t, scale, out):
+            row, sc = table[t], ts[t]
+            for g in range(sc.shape[0]):
+                d = scale * _h2f(sc[g])
+                for j in range(16):
+                    b = np.int32(row[16 * g + j])
+                    out[32 * g + j] = np.float32((b & 15) - 8) * d
+                    out[32 * g + 16 + j] = np.float32((b >> 4) - 8) * d
+        return f
+
+    def f(table, ts, t, scale, out):
+        row = table[t]  # [D]
+        sc = scale * ts[t] if ts.shape[0] > 0 else scale
+        for k in range(out.shape[0]):
+            out[k] = _ld1(row, k) * sc
+    return f
+
+
 @njit(cache=True)
 def gather_rows(table, ts, ids, scale, out):
     """out[s] = table[ids[s]] * scale; table [V, D] float32, uint16 float16 bits or int8 with row
-    scales ts [V] (shape [0] otherwise); out [S, D]."""
-    S = ids.shape[0]
-    D = out.shape[1]
-    for s in range(S):
-        row = table[ids[s]]  # [D]
-        sc = scale * ts[ids[s]] if ts.shape[0] > 0 else scale
-        for k in range(D):
-            out[s, k] = _ld1(row, k) * sc
+    scales ts [V] (shape [0] otherwise), or int4 [V, D/2] uint8 with group scales ts [V, D/32];
+    out [S, D]."""
+    for s in range(ids.shape[0]):
+        _gather_row(table, ts, ids[s], scale, out[s])
 
 
 @njit(parallel=True, fastmath=True, cache=True)

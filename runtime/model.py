@@ -26,6 +26,8 @@ import numpy as np
 
 from edgesparse.errors import EdgesparseError
 
+from edgesparse.quant import dequantize
+
 from . import kernels as K
 from .attention import AttentionStack
 from .package import Package
@@ -38,24 +40,22 @@ SMALL_BATCH = 64
 
 
 def _as_kernel_array(a: np.ndarray) -> np.ndarray:
-    # Numba has no CPU float16: hand float16 weights over as their bit patterns.
+    # Numba has no CPU float16: hand float16 weights (and int4 group scales) over as their bit patterns.
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
 def _scales(pkg: Package, name: str | None, ndim: int) -> np.ndarray:
-    """Row scales of an int8 tensor ([rows...] float32), or an empty [0, ...] array for float ones."""
+    """The scales of a quantized tensor (int8: [rows...] float32; int4: [rows..., D/32] float16
+    bits), or an empty [0, ...] float32 array (ndim axes) for a float tensor."""
     if name is not None and name + ".scale" in pkg.manifest.tensors:
-        return pkg.tensor(name + ".scale")
+        return _as_kernel_array(pkg.tensor(name + ".scale"))
     return np.zeros((0,) * ndim, np.float32)
 
 
 def _widen(w: np.ndarray, ws: np.ndarray) -> np.ndarray:
-    """float32 copy of a kernel weight array for BLAS: float16 bits widened, int8 scaled per row."""
-    if w.dtype == np.uint16:
-        return w.view(np.float16).astype(np.float32)
-    if w.dtype == np.int8:
-        return w.astype(np.float32) * ws[..., None]
-    return w
+    """float32 copy of a kernel weight array for BLAS: float16 bits widened, int8 scaled per row,
+    int4 unpacked and scaled per group."""
+    return w if w.dtype == np.float32 else dequantize(w, ws)
 
 
 def check_threads(threads: int | None) -> int:
@@ -77,15 +77,15 @@ class LayerWeights:
     attn_norm: np.ndarray       # [D] float32
     attn_norm_bias: np.ndarray  # [D] float32 (LayerNorm) or [0]
     qkv: np.ndarray             # [(H+2Hkv)·hd, D]
-    qkv_scale: np.ndarray       # [(H+2Hkv)·hd] int8 row scales, or [0]
+    qkv_scale: np.ndarray       # [(H+2Hkv)·hd] int8 row scales, [(H+2Hkv)·hd, D/32] int4 group scales, or [0]
     qkv_bias: np.ndarray        # [(H+2Hkv)·hd] float32, or [0] for none
     o: np.ndarray               # [D, H·hd]
     o_scale: np.ndarray         # [D] or [0]
     o_bias: np.ndarray          # [D] float32, or [0]
     ffn_norm: np.ndarray        # [D] float32, or [0] (parallel block)
     ffn_norm_bias: np.ndarray   # [D] or [0]
-    ffn: np.ndarray             # [N, R, D] neuron-major
-    ffn_scale: np.ndarray       # [N, R] int8 row scales, or [0, R]
+    ffn: np.ndarray             # [N, R, D] neuron-major ([N, R, D/2] uint8 for int4)
+    ffn_scale: np.ndarray       # [N, R] int8 row scales, [N, R, D/32] int4 group scales, or [0, R]
     ffn_bias_in: np.ndarray     # [N, R-1] float32, or [0, R-1]
     ffn_bias_out: np.ndarray    # [D] float32, or [0]
     q_norm: np.ndarray          # [hd] or [0]

@@ -42,7 +42,8 @@ class Package:
         return mm
 
     def tensor(self, name: str) -> np.ndarray:
-        """Read-only array view. float16 tensors come back as float16 (callers view as uint16)."""
+        """Read-only array view. float16 tensors come back as float16 (callers view as uint16);
+        int4 tensors as their packed uint8 bytes [..., D/2]."""
         t = self.manifest.tensor(name)
         mm = self._map(t.file)
         if t.offset + t.nbytes > len(mm):
@@ -50,7 +51,7 @@ class Package:
                                f"{t.offset + t.nbytes}, file has {len(mm)}")
         count = t.nbytes // np.dtype(DTYPES[t.dtype]).itemsize
         a = np.frombuffer(mm, dtype=np.dtype(DTYPES[t.dtype]), count=count, offset=t.offset)
-        return a.reshape(t.shape)
+        return a.reshape(t.stored_shape)
 
     def willneed(self, name: str) -> None:
         """Ask the OS to start reading a tensor's pages now (madvise MADV_WILLNEED), so a later

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesparse import quant
+
 QMAX = 127
 
 
@@ -65,9 +67,9 @@ def build(pkg, progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Quantize every layer's gate and up rows (fc1 rows) of a package: [(pq, ps)] per layer."""
     out = []
     for l in pkg.manifest.layers:
-        w = pkg.tensor(l.ffn)                                         # [N, R, D]
-        if w.dtype == np.int8:                                        # int8 storage: the rows it stands for
-            w = w.astype(np.float32) * pkg.tensor(l.ffn + ".scale")[..., None]
+        w = pkg.tensor(l.ffn)                                         # [N, R, D] (int4: [N, R, D/2])
+        if l.ffn + ".scale" in pkg.manifest.tensors:                  # int8 / int4 storage: the rows it stands for
+            w = quant.dequantize(w, pkg.tensor(l.ffn + ".scale"))
         out.append(quantize(w))
         if progress:
             progress()

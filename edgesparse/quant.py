@@ -1,0 +1,78 @@
+"""Quantized storage: how int8 and int4 weights are encoded, and back (NumPy only; the Numba
+kernels in runtime/kernels.py read the same encodings without widening).
+
+int8   symmetric, one float32 scale per row (the last axis):
+           q [..., D] int8, |q| <= 127;  scale [...] float32 = max|w| / 127;  w ~ q * scale
+int4   groups of 32 along the row, one float16 scale per group, llama.cpp's Q4_0 encoding:
+           packed [..., D/2] uint8;  scale [..., D/32] float16;  w ~ (nibble - 8) * scale
+       Byte j (0..15) of group g holds element 32g + j in its low nibble and 32g + 16 + j in its
+       high nibble, so a kernel unpacks 16 bytes into two runs of 16 consecutive values that meet
+       16 consecutive x's each (vectorizes; an interleaved even/odd layout would need a shuffle).
+       The scale is d = m / -8 for the element m of largest magnitude (its sign kept): m maps to
+       -8 exactly and the 16 levels span [-8d, 7d] on the side where the extreme value lies, one
+       level more than a symmetric +-7 grid. 4.5 bits per weight, like Q4_0.
+
+The manifest names the scale tensor NAME.scale; the logical shape of an int4 tensor is the
+unpacked [..., D] (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUP = 32   # int4 values per scale
+
+
+def quantize_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8: a [..., D] -> (q [..., D] int8, s [...] float32), q = round(w / s), s = max|w| / 127.
+    An all-zero row gets scale 0 and q = 0."""
+    a = np.asarray(a, np.float32)
+    s = np.abs(a).max(axis=-1) / 127.0
+    safe = np.where(s > 0, s, 1.0)
+    q = np.clip(np.rint(a / safe[..., None]), -127, 127).astype(np.int8)
+    return q, s.astype(np.float32)
+
+
+def quantize_int4(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int4: a [..., D] (D a multiple of 32) -> (packed [..., D/2] uint8, scale [..., D/32] float16).
+    Nibbles are rounded against the float16 scale as stored, so dequantizing gives back exactly
+    the values the rounding chose. An all-zero group gets scale 0 (every nibble 8)."""
+    a = np.asarray(a, np.float32)
+    D = a.shape[-1]
+    if D % GROUP:
+        raise ValueError(f"int4 rows need a length that is a multiple of {GROUP}, got {D}")
+    g = a.reshape(*a.shape[:-1], D // GROUP, GROUP)                          # [..., G, 32]
+    idx = np.abs(g).argmax(axis=-1)[..., None]
+    m = np.take_along_axis(g, idx, axis=-1)[..., 0]                          # [..., G] signed extreme
+    d = (m / -8.0).astype(np.float16)
+    df = d.astype(np.float32)
+    safe = np.where(df != 0, df, 1.0)[..., None]
+    q = np.clip(np.rint(g / safe) + 8, 0, 15).astype(np.uint8)              # [..., G, 32]
+    q = np.where(df[..., None] != 0, q, np.uint8(8))
+    packed = q[..., :16] | (q[..., 16:] << 4)                                # [..., G, 16]
+    return np.ascontiguousarray(packed.reshape(*a.shape[:-1], D // 2)), np.ascontiguousarray(d)
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """packed [..., D/2] uint8, scale [..., D/32] float16 (or its uint16 bits) -> [..., D] float32."""
+    scale = np.asarray(scale)
+    if scale.dtype == np.uint16:
+        scale = scale.view(np.float16)
+    G = scale.shape[-1]
+    b = np.asarray(packed).reshape(*packed.shape[:-1], G, 16)
+    q = np.concatenate([b & 15, b >> 4], axis=-1).astype(np.float32) - 8.0   # [..., G, 32]
+    return (q * scale.astype(np.float32)[..., None]).reshape(*packed.shape[:-1], G * GROUP)
+
+
+def dequantize(w: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """The float32 values a stored weight array stands for: float16 (or its uint16 bits) widened,
+    int8 times its row scales, int4 (uint8 packed) times its group scales; float32 as is."""
+    if w.dtype == np.uint8:
+        return dequantize_int4(w, scale)
+    if w.dtype == np.int8:
+        return w.astype(np.float32) * scale[..., None]
+    if w.dtype == np.uint16:
+        return w.view(np.float16).astype(np.float32)
+    if w.dtype == np.float16:
+        return w.astype(np.float32)
+    return w

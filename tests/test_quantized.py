@@ -1,0 +1,222 @@
+"""Quantized storage (`export --dtype int8|int4`, edgesparse/quant.py): int8 with one float32
+scale per row, int4 in Q4_0-style groups of 32 with a float16 scale each; dequantized on the fly by
+the kernels, accumulation in float32.
+
+The reference is transformers itself running the *quantized* model: the same HF model with each
+stored weight replaced by what its stored form stands for (edgesparse.quant's own encoders and
+decoder). The runtime must then agree to float32 summation-order noise, so any mistake in a scale
+(wrong row or group, missing, applied twice) or in the nibble order shows.
+Families: Llama (gated, untied head), OPT (plain MLP with biases, learned positions, LayerNorm)
+and Gemma-3 (sandwich norms, q/k norms, tied embeddings read with their scale by gather and head).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# Same reasoning as test_archs.ATOL: float32 against float32 in another summation order.
+ATOL = 2e-5
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=136, do_layer_norm_before=True, word_embed_proj_dim=96)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=24, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+# HF parameters stored quantized (the rest stays float32: norms, biases, positions)
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj",
+             "fc1", "fc2", "embed_tokens", "lm_head")
+
+
+def _stands_for(w: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values export stores for rows w [..., D] at this dtype."""
+    from edgesparse.quant import dequantize, quantize_int4, quantize_rows
+    return dequantize(*(quantize_rows(w) if dtype == "int8" else quantize_int4(w)))
+
+
+@pytest.fixture(scope="module", params=[(f, d) for d in ("int8", "int4") for f in CASES], ids="-".join)
+def case(request, tiny_model_factory, tmp_path_factory, randomize):
+    import torch
+    import transformers
+    from edgesparse.export import export
+    family, dtype = request.param
+    cfg_cls, model_cls, over = CASES[family]
+    d = tiny_model_factory(cfg_cls, model_cls, seed=5, init=randomize, **over)
+    torch.set_grad_enabled(False)
+    hf = getattr(transformers, model_cls).from_pretrained(d, dtype=torch.float32).eval()
+    # The quantized model as transformers sees it. Linear weights [out, in] and embeddings [V, D]
+    # are quantized per row; HF's down_proj/fc2 [D, N] is stored transposed, per neuron column.
+    for name, p in hf.named_parameters():
+        if name.endswith(".weight") and any(k in name for k in QUANTIZED):
+            w = p.detach().numpy()
+            if "down_proj" in name or "fc2" in name:
+                p.data = torch.from_numpy(_stands_for(w.T, dtype).T.copy())
+            else:
+                p.data = torch.from_numpy(_stands_for(w, dtype))
+    pkg = export(str(d), tmp_path_factory.mktemp(family + dtype) / "m.esp", dtype=dtype, progress=False)
+    return f"{family} {dtype}", hf, pkg
+
+
+def test_quantized_package_layout(case):
+    from edgesparse.runtime.package import Package
+    name, _, pkg = case
+    p = Package(pkg)
+    ffn, sc = p.tensor("layers.0.ffn"), p.tensor("layers.0.ffn.scale")
+    N, R, D = p.manifest.tensor("layers.0.ffn").shape
+    assert p.tensor("layers.0.attn_norm").dtype == np.float32            # norms stay float32
+    if name.endswith("int8"):
+        assert ffn.dtype == np.int8 and sc.dtype == np.float32 and sc.shape == (N, R)
+        assert p.tensor("embed").dtype == np.int8 and p.tensor("embed.scale").shape == (p.config.vocab_size,)
+        assert np.abs(ffn).max() == 127                                   # the scale is max|w| / 127
+    else:
+        # two values per byte, one float16 scale per group of 32; the extreme value of a group is -8
+        assert ffn.dtype == np.uint8 and ffn.shape == (N, R, D // 2)
+        assert sc.dtype == np.float16 and sc.shape == (N, R, D // 32)
+        assert p.tensor("embed.scale").shape == (p.config.vocab_size, p.config.embed_dim // 32)
+        assert ((ffn & 15).min(), (ffn >> 4).min()) == (0, 0)
+    total = {dt: sum(t.nbytes for t in p.manifest.tensors.values() if t.dtype == dt)
+             for dt in ("float32", "float16", "int8", "int4")}
+    print(f"{name}: bytes by dtype {total}")
+
+
+def test_quantized_logits_match_the_quantized_model(case):
+    import torch
+    from edgesparse.runtime.model import Model
+    name, hf, pkg = case
+    for S in (40, 90):     # the Numba kernels (quantized loads) and the BLAS path (widened per layer)
+        ids = np.random.default_rng(0).integers(3, 211, S)
+        ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+        out = Model(pkg, ctx=128).forward(ids, all_logits=True)
+        d = np.abs(out - ref).max()
+        print(f"{name}: prefill of {S} tokens, max |dlogit| {d:.2e}")
+        assert d < ATOL
+    m = Model(pkg, ctx=128)
+    ids = np.random.default_rng(1).integers(3, 211, 30)
+    ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+    out = [m.forward(ids[:4]).copy()] + [m.forward([i]).copy() for i in ids[4:]]
+    d = np.abs(np.array(out) - ref[3:]).max()
+    print(f"{name}: decode max |dlogit| {d:.2e}")
+    assert d < ATOL
+
+
+def test_quantized_thresholded_and_predict_modes_run(case, tmp_path):
+    """Threshold and predict modes on quantized rows: the predictor is built from the dequantized rows,
+    and at t = 0 / t_pred = 0 both modes are the dense int8 model."""
+    import shutil
+    from edgesparse.quant import dequantize
+    from edgesparse.runtime import predictor
+    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.package import Package
+    name, _, pkg = case
+    dst = tmp_path / "p"
+    shutil.copytree(pkg, dst)
+    p = Package(dst)
+    pred = predictor.build(p)
+    w = dequantize(p.tensor("layers.0.ffn"), p.tensor("layers.0.ffn.scale"))
+    np.testing.assert_array_equal(pred[0][0], predictor.quantize(w)[0])   # from the rows it stands for
+    from edgesparse.format import write_manifest_atomic
+    write_manifest_atomic(dst, predictor.install(dst, p.manifest, pred, [0.0] * p.config.n_layers))
+    ids = np.random.default_rng(2).integers(3, 211, 12)
+    dense = Model(dst, ctx=64)
+    dense.set_ffn_mode("dense")
+    want = [dense.forward(ids[:3]).copy()] + [dense.forward([i]).copy() for i in ids[3:]]
+    m = Model(dst, ctx=64)
+    m.set_ffn_mode("predict")
+    got = [m.forward(ids[:3]).copy()] + [m.forward([i]).copy() for i in ids[3:]]
+    d = np.abs(np.array(got) - np.array(want)).max()
+    print(f"{name}: predict with t_pred = 0, t = 0 vs dense, max |dlogit| {d:.2e}")
+    assert d < ATOL
+
+
+@pytest.mark.parametrize("dtype,O,D,S", [("int8", 37, 29, 1), ("int8", 130, 61, 5), ("int4", 37, 96, 1),
+                                         ("int4", 131, 160, 5)])
+def test_quantized_kernels_vs_numpy(dtype, O, D, S):
+    """linear, gather_rows and ffn_glu_batch on quantized rows against NumPy on the dequantized
+    rows, odd row counts (int4 rows are whole groups of 32). Tolerance: D-term float32 dot
+    products, |error| <= D * eps32 * sum|w_k x_k|, times 4 for the scale multiplies (per row or
+    per group) and the chunked partial sums."""
+    from edgesparse.quant import dequantize, quantize_int4, quantize_rows
+    from edgesparse.runtime import kernels as K
+    enc = quantize_rows if dtype == "int8" else quantize_int4
+    kern = lambda s: s.view(np.uint16) if s.dtype == np.float16 else s   # noqa: E731 (the runtime's view)
+    eps = np.finfo(np.float32).eps
+    rng = np.random.default_rng(O + D)
+    q, s = enc(rng.standard_normal((O, D)).astype(np.float32))
+    wd = dequantize(q, s).astype(np.float64)                         # [O, D] what the rows stand for
+    X = rng.standard_normal((S, D)).astype(np.float32)
+    bias = rng.standard_normal(O).astype(np.float32)
+    Y = np.full((S, O), np.nan, np.float32)
+    K.linear(q, kern(s), X, bias, np.zeros((0, O), np.float32), Y, 2)
+    ref = X.astype(np.float64) @ wd.T + bias
+    tol = 4 * D * eps * (np.abs(X) @ np.abs(wd).T + np.abs(bias)) + 1e-30
+    print(f"linear {dtype} [{O},{D}] x {S}: max |diff| {np.abs(Y - ref).max():.2e}")
+    assert np.all(np.abs(Y - ref) <= tol)
+    ids = rng.integers(0, O, 7)
+    out = np.empty((7, D), np.float32)
+    K.gather_rows(q, kern(s), ids, np.float32(1.5), out)
+    np.testing.assert_allclose(out, 1.5 * wd[ids], rtol=2 * eps, atol=0)
+    # FFN: N = O neurons, gated, rows [N, 3, D] each with its own scale(s)
+    N = O
+    q3, s3 = enc(rng.standard_normal((N, 3, D)).astype(np.float32) * 0.3)
+    w3 = dequantize(q3, s3).astype(np.float64)
+    base = rng.standard_normal((S, D)).astype(np.float32)
+    h = np.full((S, N), np.nan, np.float32)
+    out = np.full((S, D), np.nan, np.float32)
+    K.ffn_glu_batch(q3, kern(s3), np.zeros((0, 2), np.float32), X, base, np.float32(0.0), K.ACT_CODES["silu"], out,
+                    h, np.full((2, S, D), np.nan, np.float32), np.zeros(2, np.int64))
+    g, u = X.astype(np.float64) @ w3[:, 0].T, X.astype(np.float64) @ w3[:, 1].T
+    h_ref = g / (1 + np.exp(-g)) * u
+    out_ref = base + h_ref @ w3[:, 2]
+    print(f"ffn_glu_batch {dtype} N={N} D={D} S={S}: max |dh| {np.abs(h - h_ref).max():.2e}, "
+          f"max |dout| {np.abs(out - out_ref).max():.2e}")
+    mag = (np.abs(X) @ np.abs(w3[:, 0]).T) * (np.abs(X) @ np.abs(w3[:, 1]).T)
+    assert np.all(np.abs(h - h_ref) <= 8 * D * eps * mag + 1e-30)
+    assert np.all(np.abs(out - out_ref) <= 8 * (N + D) * eps * (np.abs(base) + np.abs(h_ref) @ np.abs(w3[:, 2])) + 1e-30)
+
+
+def test_int4_encoding_round_trip():
+    """The Q4_0 encoding on values it represents exactly: each group's extreme element is -8 d (or
+    +8 d's mirror, stored as -8 with a negative d), the nibble order low-then-high halves of the
+    group; decode(encode(w)) == w bit for bit, and encoding a row of the wrong length is refused."""
+    from edgesparse.quant import dequantize_int4, quantize_int4
+    rng = np.random.default_rng(3)
+    d = np.float16(0.25)
+    q = rng.integers(-8, 8, (5, 64)).astype(np.float32)
+    q[:, 0], q[:, 32] = -8, -8                                        # both groups reach -8
+    w = q * np.float32(d)
+    packed, sc = quantize_int4(w)
+    assert packed.shape == (5, 32) and sc.shape == (5, 2) and sc.dtype == np.float16
+    np.testing.assert_array_equal(sc, np.full((5, 2), d))
+    np.testing.assert_array_equal(dequantize_int4(packed, sc), w)
+    np.testing.assert_array_equal(packed[:, :16] & 15, (q[:, :16] + 8).astype(np.uint8))     # element j
+    np.testing.assert_array_equal(packed[:, :16] >> 4, (q[:, 16:32] + 8).astype(np.uint8))  # element 16 + j
+    assert not dequantize_int4(*quantize_int4(np.zeros((2, 32), np.float32))).any()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_int4(np.ones((2, 40), np.float32))
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda t: t["layers.0.ffn.scale"].update(shape=t["layers.0.ffn.scale"]["shape"][:2]),
+     r"int4 tensor 'layers.0.ffn' needs a float16 tensor 'layers.0.ffn.scale' of shape \[\d+, \d, \d+\]"),
+    (lambda t: t["layers.0.ffn.scale"].update(dtype="int8"), "needs a float16 tensor 'layers.0.ffn.scale'"),
+    (lambda t: t["embed"].update(shape=[t["embed"]["shape"][0], 40]), "rows are groups of 32 values; the last axis is 40"),
+])
+def test_int4_manifest_errors_name_the_tensor(case, tmp_path, edit, msg):
+    """A manifest whose int4 tensor or scales do not match the encoding is refused with a message
+    naming the tensor and what was expected."""
+    import json
+    import shutil
+    from edgesparse.errors import PackageError
+    from edgesparse.runtime.package import Package
+    name, _, pkg = case
+    if not name.endswith("int4"):
+        pytest.skip("int4 packages only")
+    dst = tmp_path / "bad.esp"
+    shutil.copytree(pkg, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m["tensors"])
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match=msg):
+        Package(dst)
