@@ -4,6 +4,7 @@
     edgesparse run PKG -p PROMPT [-n N] [--ffn dense|threshold|predict] ...   (device)
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
+                    [--against llama.cpp [--gguf FILE]]
     edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5]
     edgesparse prune PKG -o OUT --text FILE|wikitext2 [--max-rate 0.01] [--level 0.5] [--tokens N]
     edgesparse bench PKG [--sparsity 0,0.5] [--ffn threshold,predict] [--threads 1,2] [--rounds 3]
@@ -158,10 +159,24 @@ def _eval(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"{a.package}: --methods predict needs a predictor (calibrate --predictor)")
     if any(q > 0 for q in levels) and not sp.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
+    gguf = None
+    if a.against:
+        from edgesparse.runtime import against
+        if a.against != "llama.cpp":
+            raise EdgesparseError(f"--against {a.against}: eval compares with llama.cpp only")
+        against.check_installed("llama.cpp")
+        gguf = against.gguf_for(model.pkg.manifest, a.gguf)
+    elif a.gguf:
+        raise EdgesparseError("--gguf: only used with --against llama.cpp")
     text, desc = load_text(a.text, "test")
     windows = token_windows(TextCodec(model.pkg).encode(text, special=False), a.ctx, a.windows, desc)
     t0 = time.perf_counter()
     res = evaluate(model, windows, methods, levels, progress=not a.quiet)
+    if gguf is not None:
+        from edgesparse.runtime.progress import Progress
+        bar = Progress(len(windows), "llama.cpp", not a.quiet)
+        res["against"] = {"engine": "llama.cpp", "gguf": str(gguf), "size_bytes": gguf.stat().st_size,
+                          "perplexity": against.llama_cpp_perplexity(str(gguf), windows, model.threads, bar)}
     res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     ev.add_argument("--methods", default=None,
                     help="comma-separated: paper, gate, input, predict (default: every calibrated one)")
+    ev.add_argument("--against", metavar="llama.cpp", help="also llama.cpp's perplexity on the same windows")
+    ev.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
     ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
 
     an = _text_command(sub, "analyze", "how predictable the active neurons are (per layer, JSON and plots)", "test",

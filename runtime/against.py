@@ -168,16 +168,14 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> 
 _llama_quiet = None
 
 
-def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    """llama.cpp through llama-cpp-python's C API (not its Llama class): the model parameters are
-    ours to set, and use_extra_bufts = False turns llama.cpp's CPU weight repacking off
-    (`--no-repack`), without which quantized GGUFs crash on this workstation's CPU."""
+def _llama_open(path: str, threads: int, n_ctx: int, n_batch: int):
+    """(llama_cpp module, model, context, vocabulary size) for a GGUF, through llama-cpp-python's C
+    API (not its Llama class): the model parameters are ours to set, and use_extra_bufts = False
+    turns llama.cpp's CPU weight repacking off (`--no-repack`), without which quantized GGUFs crash
+    on this workstation's CPU. The caller frees the context and the model."""
     import ctypes
 
-    import numpy as np
     import llama_cpp as L
-
-    from .bench import latency_stats, prompt_ids, rss_split_mb
 
     global _llama_quiet
     if _llama_quiet is None:      # llama.cpp logs every tensor to stderr; the callback must outlive the calls
@@ -190,18 +188,71 @@ def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
         raise EdgesparseError("--against llama.cpp: this llama-cpp-python cannot turn weight repacking off "
                               "(no use_extra_bufts; llama.cpp before mid-2025): upgrade llama-cpp-python")
     mp.use_extra_bufts = False
-    t0 = time.perf_counter()
-    model = L.llama_model_load_from_file(path.encode(), mp)
+    model = L.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise EdgesparseError(f"{path}: llama.cpp cannot load this GGUF")
     cp = L.llama_context_default_params()
-    cp.n_ctx = n_prompt + n_gen + 8
-    cp.n_batch = cp.n_ubatch = max(n_prompt, 8)
+    cp.n_ctx = n_ctx
+    cp.n_batch = cp.n_ubatch = n_batch
     cp.n_threads = cp.n_threads_batch = threads
     ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        L.llama_model_free(model)
+        raise EdgesparseError(f"{path}: llama.cpp cannot create a context of {n_ctx} tokens")
+    return L, model, ctx, L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+
+
+def llama_cpp_perplexity(path: str, windows, threads: int, bar=None) -> float:
+    """exp(mean NLL) of llama.cpp on the same token windows [n, ctx] the runtime evaluates (our
+    tokenizer's ids fed as they are: a GGUF converted from the same model has the same vocabulary),
+    ctx-1 predictions per window, every window from an empty cache."""
+    import ctypes
+
+    import numpy as np
+
+    from .kernels import nll_rows
+
+    n, T = windows.shape
+    L, model, ctx, V = _llama_open(path, threads, T, T)
+    batch = L.llama_batch_init(T, 0, 1)
+    total, count = 0.0, 0
+    try:
+        mem = L.llama_get_memory(ctx)
+        for w in windows:
+            L.llama_memory_clear(mem, True)
+            batch.n_tokens = T
+            for i, t in enumerate(w.tolist()):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+                batch.seq_id[i][0] = 0
+            if L.llama_decode(ctx, batch) != 0:
+                raise EdgesparseError(f"{path}: llama_decode failed")
+            logits = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float)),
+                                           shape=(T, V))    # [T, V], row i predicts token i+1
+            nll = np.empty(T - 1, np.float64)
+            nll_rows(np.ascontiguousarray(logits[:-1]), np.ascontiguousarray(w[1:], np.int64), nll)
+            total += float(nll.sum())
+            count += T - 1
+            if bar:
+                bar.update(note=f"llama.cpp ppl so far {np.exp(total / count):.2f}")
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    return float(np.exp(total / count))
+
+
+def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    """Decode speed and memory of llama.cpp on a GGUF (see _llama_open)."""
+    import ctypes
+
+    import numpy as np
+
+    from .bench import latency_stats, prompt_ids, rss_split_mb
+
+    t0 = time.perf_counter()
+    L, model, ctx, V = _llama_open(path, threads, n_prompt + n_gen + 8, max(n_prompt, 8))
     t_load = time.perf_counter() - t0
     after_load = rss_split_mb()
-    V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
     mem = L.llama_get_memory(ctx)
 
     def decode(ids: list[int]) -> np.ndarray:

@@ -4,6 +4,7 @@ threshold semantics as decode) over non-overlapping windows of the evaluation te
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -77,4 +78,8 @@ def table(res: dict) -> str:
         rel = f"{100 * (r['perplexity'] / dense - 1):+.1f}%" if dense else "-"
         lines.append(f"| {r['method']} | {r['target']:.1f} | {r['perplexity']:.2f} | {rel} | "
                      f"{100 * r['achieved_sparsity_mean']:.1f}% | {100 * r['ffn_bytes_skippable']:.1f}% |")
+    ag = res.get("against")
+    if ag:
+        rel = f"{100 * (ag['perplexity'] / dense - 1):+.1f}%" if dense else "-"
+        lines.append(f"| llama.cpp ({Path(ag['gguf']).name}) | 0.0 | {ag['perplexity']:.2f} | {rel} | - | - |")
     return "\n".join(lines)

@@ -136,3 +136,36 @@ def test_cli_against_ort_and_transformers(tiny_llama_pkg, tmp_path, capsys):
                   "--prompt-tokens", 2, "--rounds", 1, "--against-cache", cache, "-o", out, "-q")
     assert rc == 0, err
     assert (ort_dir / "ort").stat().st_mtime_ns == stamp             # reused, not exported again
+
+
+@pytest.mark.slow
+def test_llama_cpp_perplexity_on_the_default_gguf(smollm2_pkg):
+    """llama.cpp's perplexity on the same windows as the runtime's dense model, both from the
+    embedded Q4_1 GGUF. They differ only by arithmetic: llama.cpp rounds activations to 8 bits for
+    its Q4_1 dot products (ggml's q4_1 x q8_1 path), the runtime multiplies the dequantized float32
+    weights in float32: well under 3% apart. A logits row paired with the wrong target token
+    (off by one) gives a perplexity tens of times higher."""
+    pytest.importorskip("llama_cpp")
+    from edgesparse.export.source import resolve
+    from edgesparse.runtime.evaluate import perplexity
+    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.text import TextCodec
+    from edgesparse.runtime.textdata import token_windows
+    m = Model(smollm2_pkg, ctx=128, max_batch=128)
+    text = "The quick brown fox jumps over the lazy dog. " * 8 + "Paris is the capital of France, and Berlin " * 8
+    windows = token_windows(TextCodec(m.pkg).encode(text, special=False), 128, 2, "text")
+    src = resolve(None)
+    ours = perplexity(m, windows)
+    theirs = against.llama_cpp_perplexity(f"{src.directory}/{src.gguf_file}", windows, 2)
+    print(f"perplexity on 2 x 128 tokens: runtime {ours:.4f}, llama.cpp Q4_1 {theirs:.4f}")
+    assert abs(theirs / ours - 1) < 0.03
+
+
+def test_cli_eval_against_errors(tiny_llama_pkg, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("w3 w4 w5 " * 200)
+    base = ("eval", tiny_llama_pkg, "--text", text, "--ctx", "16", "--sparsity", "0", "-o", tmp_path / "e", "-q")
+    rc, err = run(capsys, *base, "--gguf", tmp_path / "m.gguf")
+    assert rc == 1 and "--gguf: only used with --against llama.cpp" in err
+    rc, err = run(capsys, *base, "--against", "ort")
+    assert rc == 1 and "eval compares with llama.cpp only" in err
