@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library. `main(argv) -> int`; `python -m edgesparse` works.
 
-    edgesparse export [MODEL] -o DIR [--dtype float32|float16|int8|int4] [--force]     (workstation)
+    edgesparse export [MODEL] -o DIR [--dtype float32|float16|int8|int4] [--head-dtype D] [--force]  (workstation)
     edgesparse run PKG -p PROMPT [-n N] [--ffn dense|threshold|predict] ...   (device)
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
@@ -32,7 +32,7 @@ def _export(a: argparse.Namespace) -> int:
         from edgesparse.export import export
     except ImportError as e:
         raise EdgesparseError(f"export needs the workstation extra: pip install 'edgesparse[export]' ({e})") from None
-    out = export(a.model, Path(a.output), dtype=a.dtype, force=a.force, progress=not a.quiet)
+    out = export(a.model, Path(a.output), dtype=a.dtype, force=a.force, progress=not a.quiet, head_dtype=a.head_dtype)
     print(f"wrote {out}", file=sys.stderr)
     if a.calibrate:
         a.package, a.text, a.tokens, a.method, a.target, a.dump, a.threads, a.predictor = (
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="package directory to create")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8", "int4"],
                    help="weight storage (int8: one scale per row; int4: Q4_0-style groups of 32)")
+    e.add_argument("--head-dtype", choices=["float32", "float16", "int8", "int4"],
+                   help="storage of the embedding and lm_head (default: --dtype; int8 when --dtype is int4)")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.add_argument("--calibrate", metavar="TEXT", help="calibrate thresholds on TEXT after export")

@@ -36,12 +36,19 @@ def _stands_for(w: np.ndarray, dtype: str) -> np.ndarray:
     return dequantize(*(quantize_rows(w) if dtype == "int8" else quantize_int4(w)))
 
 
-@pytest.fixture(scope="module", params=[(f, d) for d in ("int8", "int4") for f in CASES], ids="-".join)
+# (family, --dtype, --head-dtype): int4 packages keep the embedding and lm_head int8 by default
+# (export._HEAD_DEFAULT); OPT exercises an int4 embedding and head too.
+PARAMS = [(f, "int8", None) for f in CASES] + [("llama", "int4", None), ("opt", "int4", "int4"),
+                                               ("gemma3", "int4", None)]
+
+
+@pytest.fixture(scope="module", params=PARAMS, ids=lambda p: "-".join(x for x in p if x))
 def case(request, tiny_model_factory, tmp_path_factory, randomize):
     import torch
     import transformers
     from edgesparse.export import export
-    family, dtype = request.param
+    family, dtype, head_dtype = request.param
+    head = head_dtype or ("int8" if dtype == "int4" else dtype)
     cfg_cls, model_cls, over = CASES[family]
     d = tiny_model_factory(cfg_cls, model_cls, seed=5, init=randomize, **over)
     torch.set_grad_enabled(False)
@@ -54,9 +61,11 @@ def case(request, tiny_model_factory, tmp_path_factory, randomize):
             if "down_proj" in name or "fc2" in name:
                 p.data = torch.from_numpy(_stands_for(w.T, dtype).T.copy())
             else:
-                p.data = torch.from_numpy(_stands_for(w, dtype))
-    pkg = export(str(d), tmp_path_factory.mktemp(family + dtype) / "m.esp", dtype=dtype, progress=False)
-    return f"{family} {dtype}", hf, pkg
+                head_like = "embed_tokens" in name or "lm_head" in name
+                p.data = torch.from_numpy(_stands_for(w, head if head_like else dtype))
+    pkg = export(str(d), tmp_path_factory.mktemp(family + dtype) / "m.esp", dtype=dtype, progress=False,
+                 head_dtype=head_dtype)
+    return f"{family} {dtype} (head {head})", hf, pkg
 
 
 def test_quantized_package_layout(case):
@@ -66,7 +75,7 @@ def test_quantized_package_layout(case):
     ffn, sc = p.tensor("layers.0.ffn"), p.tensor("layers.0.ffn.scale")
     N, R, D = p.manifest.tensor("layers.0.ffn").shape
     assert p.tensor("layers.0.attn_norm").dtype == np.float32            # norms stay float32
-    if name.endswith("int8"):
+    if " int8 " in name:
         assert ffn.dtype == np.int8 and sc.dtype == np.float32 and sc.shape == (N, R)
         assert p.tensor("embed").dtype == np.int8 and p.tensor("embed.scale").shape == (p.config.vocab_size,)
         assert np.abs(ffn).max() == 127                                   # the scale is max|w| / 127
@@ -74,7 +83,9 @@ def test_quantized_package_layout(case):
         # two values per byte, one float16 scale per group of 32; the extreme value of a group is -8
         assert ffn.dtype == np.uint8 and ffn.shape == (N, R, D // 2)
         assert sc.dtype == np.float16 and sc.shape == (N, R, D // 32)
-        assert p.tensor("embed.scale").shape == (p.config.vocab_size, p.config.embed_dim // 32)
+        V, E = p.config.vocab_size, p.config.embed_dim
+        want = (V, E // 32) if name.endswith("(head int4)") else (V,)                 # int4 or int8 rows
+        assert p.tensor("embed.scale").shape == want
         assert ((ffn & 15).min(), (ffn >> 4).min()) == (0, 0)
     total = {dt: sum(t.nbytes for t in p.manifest.tensors.values() if t.dtype == dt)
              for dt in ("float32", "float16", "int8", "int4")}
@@ -201,7 +212,8 @@ def test_int4_encoding_round_trip():
     (lambda t: t["layers.0.ffn.scale"].update(shape=t["layers.0.ffn.scale"]["shape"][:2]),
      r"int4 tensor 'layers.0.ffn' needs a float16 tensor 'layers.0.ffn.scale' of shape \[\d+, \d, \d+\]"),
     (lambda t: t["layers.0.ffn.scale"].update(dtype="int8"), "needs a float16 tensor 'layers.0.ffn.scale'"),
-    (lambda t: t["embed"].update(shape=[t["embed"]["shape"][0], 40]), "rows are groups of 32 values; the last axis is 40"),
+    (lambda t: t["layers.0.qkv"].update(shape=[t["layers.0.qkv"]["shape"][0], 40]),
+     "rows are groups of 32 values; the last axis is 40"),
 ])
 def test_int4_manifest_errors_name_the_tensor(case, tmp_path, edit, msg):
     """A manifest whose int4 tensor or scales do not match the encoding is refused with a message
@@ -211,7 +223,7 @@ def test_int4_manifest_errors_name_the_tensor(case, tmp_path, edit, msg):
     from edgesparse.errors import PackageError
     from edgesparse.runtime.package import Package
     name, _, pkg = case
-    if not name.endswith("int4"):
+    if " int4 " not in name:
         pytest.skip("int4 packages only")
     dst = tmp_path / "bad.esp"
     shutil.copytree(pkg, dst)
