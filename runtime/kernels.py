@@ -94,6 +94,11 @@ def _q4(a) -> bool:
     return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 8 and not a.dtype.signed
 
 
+def _q8(a) -> bool:
+    """True for int8 weights."""
+    return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 8 and a.dtype.signed
+
+
 # -- int4 rows: hand-built LLVM vector IR --------------------------------------------------------
 # Written in Numba, the per-group loop is either unrolled by LLVM and vectorized across groups with
 # gathers (constant 16), or vectorized with a 64-wide main loop that a 16-byte group never enters
@@ -193,6 +198,83 @@ def _axpy_q4(typingctx, acc, h, row, sc):
     return types.void(acc, h, row, sc), codegen
 
 
+# int8 rows the same way: sitofp straight from <16 x i8>. Plain Numba vectorizes these loops 8
+# wide with a 4x interleave; the IR's 16-lane chunks read SmolLM2's 30 layers of int8 gate and up
+# rows in 2.9 ms (18.6 GB/s) where the Numba loop needs ~4 ms.
+_vb8 = ir.VectorType(_i8, _V)
+
+
+def _i8_typed(row, *floats) -> bool:
+    arr = lambda a, dt: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt  # noqa: E731
+    return arr(row, types.int8) and all(arr(f, types.float32) for f in floats)
+
+
+def _len_split(builder, n):
+    """(full 16-lane chunks, index where the scalar tail starts) of a length n."""
+    chunks = builder.udiv(n, ir.Constant(n.type, _V))
+    return chunks, builder.mul(chunks, ir.Constant(n.type, _V))
+
+
+@intrinsic
+def _dot_i8(typingctx, row, x):
+    """sum_k q_k x_k, unscaled, for one int8 row q [D] and x [D] float32: 16-lane chunks, then a
+    scalar tail (int8 rows have any length)."""
+    if not _i8_typed(row, x):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ra, xa = (context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args))
+        n = builder.extract_value(ra.shape, 0)
+        chunks, tail = _len_split(builder, n)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_vf, [0.0] * _V))
+        with cgutils.for_range(builder, chunks) as loop:
+            o = builder.mul(loop.index, ir.Constant(n.type, _V))
+            q = builder.load(builder.bitcast(builder.gep(ra.data, [o]), _vb8.as_pointer()), align=1)
+            xv = builder.load(_vec_at(builder, xa.data, o), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(q, _vf), xv, flags=_FAST),
+                                       flags=_FAST), acc)
+        v, m = builder.load(acc), _V
+        while m > 1:
+            m //= 2
+            a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, m), list(range(m))))
+            b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, m), list(range(m, 2 * m))))
+            v = builder.fadd(a, b, flags=_FAST)
+        s = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(_i32, 0)))
+        with cgutils.for_range_slice(builder, tail, n, ir.Constant(n.type, 1)) as (k, _):
+            t = builder.fmul(builder.sitofp(builder.load(builder.gep(ra.data, [k])), _f32),
+                             builder.load(builder.gep(xa.data, [k])), flags=_FAST)
+            builder.store(builder.fadd(builder.load(s), t, flags=_FAST), s)
+        return builder.load(s)
+    return types.float32(row, x), codegen
+
+
+@intrinsic
+def _axpy_i8(typingctx, acc, h, row):
+    """acc [D] += h * q for one int8 row q [D] (h float32, scale folded in by the caller)."""
+    if not (_i8_typed(row, acc) and h == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aa = context.make_array(sig.args[0])(context, builder, args[0])
+        ra = context.make_array(sig.args[2])(context, builder, args[2])
+        n = builder.extract_value(ra.shape, 0)
+        chunks, tail = _len_split(builder, n)
+        hv = _splat(builder, args[1])
+        with cgutils.for_range(builder, chunks) as loop:
+            o = builder.mul(loop.index, ir.Constant(n.type, _V))
+            q = builder.load(builder.bitcast(builder.gep(ra.data, [o]), _vb8.as_pointer()), align=1)
+            p = _vec_at(builder, aa.data, o)
+            builder.store(builder.fadd(builder.load(p, align=4), builder.fmul(hv, builder.sitofp(q, _vf), flags=_FAST),
+                                       flags=_FAST), p, align=4)
+        with cgutils.for_range_slice(builder, tail, n, ir.Constant(n.type, 1)) as (k, _):
+            p = builder.gep(aa.data, [k])
+            t = builder.fmul(args[1], builder.sitofp(builder.load(builder.gep(ra.data, [k])), _f32), flags=_FAST)
+            builder.store(builder.fadd(builder.load(p), t, flags=_FAST), p)
+        return context.get_dummy_value()
+    return types.void(acc, h, row), codegen
+
+
+
 @njit(inline="always", fastmath=True)
 def _dot_rows(wi, r, x):
     """sum_k wi[r, k] x_k, unscaled, for float32, float16 bits or int8 rows."""
@@ -211,6 +293,8 @@ def _dot(wi, ws, i, r, x):
 def _dot_impl(wi, ws, i, r, x):
     if _q4(wi):
         return lambda wi, ws, i, r, x: _dot_q4(wi[r], ws[i, r], x)
+    if _q8(wi):
+        return lambda wi, ws, i, r, x: _dot_i8(wi[r], x) * ws[i, r]
 
     def f(wi, ws, i, r, x):
         a = _dot_rows(wi, r, x)
@@ -237,6 +321,8 @@ def _dot2_rows(wi, x):
 def _dot2_impl(wi, ws, i, x):
     if _q4(wi):
         return lambda wi, ws, i, x: (_dot_q4(wi[0], ws[i, 0], x), _dot_q4(wi[1], ws[i, 1], x))
+    if _q8(wi):
+        return lambda wi, ws, i, x: (_dot_i8(wi[0], x) * ws[i, 0], _dot_i8(wi[1], x) * ws[i, 1])
 
     def f(wi, ws, i, x):
         g, u = _dot2_rows(wi, x)
@@ -294,6 +380,8 @@ def _add_down_rows(acc, s, wi, ws, i, h):
 def _add_down_impl(acc, s, wi, ws, i, h):
     if _q4(wi):
         return lambda acc, s, wi, ws, i, h: _axpy_q4(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
+    if _q8(wi):
+        return lambda acc, s, wi, ws, i, h: _axpy_i8(acc[s], h * ws[i, wi.shape[0] - 1], wi[wi.shape[0] - 1])
 
     def f(acc, s, wi, ws, i, h):
         _add_down_rows(acc, s, wi, ws, i, h)
@@ -432,6 +520,12 @@ def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
                 for s in range(X.shape[0]):
                     _emit(Y, bias, base, s, j, _dot_q4(w[j], ws[j], X[s]))
         return f
+    if _q8(w):
+        def g(w, ws, X, bias, base, Y, b0, b1):
+            for j in range(4 * b0, min(4 * b1, w.shape[0])):
+                for s in range(X.shape[0]):
+                    _emit(Y, bias, base, s, j, _dot_i8(w[j], X[s]) * ws[j])
+        return g
 
     def f(w, ws, X, bias, base, Y, b0, b1):
         _rows4_plain(w, ws, X, bias, base, Y, b0, b1)
@@ -624,22 +718,13 @@ def nll_rows(logits, targets, out):
 @njit(inline="always", fastmath=True)
 def _pred_h(pq, ps, b, i, x, act):
     """h^ for neuron i: pq [R-1, D] int8, ps [R-1], b [N, R-1] exact input biases (or [0, ·]), x [D]."""
-    g = np.float32(0.0)
-    if pq.shape[0] == 1:
-        for k in range(x.shape[0]):
-            g += np.float32(pq[0, k]) * x[k]
-        g *= ps[0]
-        if b.shape[0] > 0:
-            g += b[i, 0]
-        return _act(act, g)
-    u = np.float32(0.0)
-    for k in range(x.shape[0]):
-        g += np.float32(pq[0, k]) * x[k]
-        u += np.float32(pq[1, k]) * x[k]
-    g *= ps[0]
-    u *= ps[1]
+    g = _dot_i8(pq[0], x) * ps[0]
     if b.shape[0] > 0:
         g += b[i, 0]
+    if pq.shape[0] == 1:
+        return _act(act, g)
+    u = _dot_i8(pq[1], x) * ps[1]
+    if b.shape[0] > 0:
         u += b[i, 1]
     return _act(act, g) * u
 

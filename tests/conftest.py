@@ -141,3 +141,18 @@ def randomize():
             elif "norm" in name and name.endswith(".weight"):
                 p.data = p.data + torch.randn(p.shape, generator=g) * 0.2
     return init
+
+
+@pytest.fixture(scope="session")
+def prefill_diff():
+    """prefill_diff(hf, pkg, S) -> max |logit difference| between transformers' model hf and the
+    runtime on package pkg, all S positions of one prefill of pseudo-random tokens (S <= 64: the
+    Numba kernels; S > 64: the BLAS path)."""
+    def diff(hf, pkg, S: int) -> float:
+        import numpy as np
+        import torch
+        from edgesparse.runtime.model import Model
+        ids = np.random.default_rng(0).integers(3, 211, S)
+        ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+        return float(np.abs(Model(pkg, ctx=128).forward(ids, all_logits=True) - ref).max())
+    return diff
