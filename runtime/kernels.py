@@ -63,19 +63,6 @@ def _h2f(typingctx, v):
     return types.float32(v), codegen
 
 
-def _ld(a, r, k):
-    """a[r, k] as float32, for float32 weights, float16 bits (uint16) or int8 (unscaled)."""
-
-
-@overload(_ld, inline="always")
-def _ld_impl(a, r, k):
-    if isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 16:
-        return lambda a, r, k: _h2f(a[r, k])
-    if isinstance(a.dtype, types.Integer):
-        return lambda a, r, k: np.float32(a[r, k])
-    return lambda a, r, k: a[r, k]
-
-
 def _ld1(a, k):
     """a[k] as float32, for float32 weights, float16 bits or int8 (unscaled)."""
 
@@ -142,6 +129,17 @@ def _vec_at(builder, p, i):
     return builder.bitcast(builder.gep(p, [i]), _vf.as_pointer())
 
 
+def _hsum(builder, v):
+    """The sum of a <16 x float>'s lanes: halves added pairwise (16 -> 8 -> 4 -> 2 -> 1)."""
+    n = _V
+    while n > 1:
+        n //= 2
+        a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(n))))
+        b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(n, 2 * n))))
+        v = builder.fadd(a, b, flags=_FAST)
+    return builder.extract_element(v, ir.Constant(_i32, 0))
+
+
 def _q4_typed(row, sc, *floats) -> bool:
     # C-contiguous only: the IR indexes raw data pointers (every caller passes rows of C arrays)
     arr = lambda a, dt: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt  # noqa: E731
@@ -169,13 +167,7 @@ def _dot_q4(typingctx, row, sc, x):
             s = builder.fadd(builder.fmul(lo, x0, flags=_FAST), builder.fmul(hi, x1, flags=_FAST), flags=_FAST)
             d = _splat(builder, _group_scale(builder, psc, g))
             builder.store(builder.fadd(builder.load(acc), builder.fmul(s, d, flags=_FAST), flags=_FAST), acc)
-        v, n = builder.load(acc), _V
-        while n > 1:            # horizontal sum: halves added pairwise
-            n //= 2
-            a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(n))))
-            b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(n, 2 * n))))
-            v = builder.fadd(a, b, flags=_FAST)
-        return builder.extract_element(v, ir.Constant(_i32, 0))
+        return _hsum(builder, builder.load(acc))
     return types.float32(row, sc, x), codegen
 
 
@@ -247,13 +239,7 @@ def _dot_w(typingctx, row, x):
             xv = builder.load(_vec_at(builder, xa.data, o), align=4)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(_widen_ir(builder, q, signed, _vf), xv,
                                                                        flags=_FAST), flags=_FAST), acc)
-        v, m = builder.load(acc), _V
-        while m > 1:
-            m //= 2
-            a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, m), list(range(m))))
-            b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, m), list(range(m, 2 * m))))
-            v = builder.fadd(a, b, flags=_FAST)
-        s = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(_i32, 0)))
+        s = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
         with cgutils.for_range_slice(builder, tail, n, ir.Constant(n.type, 1)) as (k, _):
             t = builder.fmul(_widen_ir(builder, builder.load(builder.gep(ra.data, [k])), signed, _f32),
                              builder.load(builder.gep(xa.data, [k])), flags=_FAST)
@@ -294,10 +280,10 @@ def _axpy_w(typingctx, acc, h, row):
 
 @njit(inline="always", fastmath=True)
 def _dot_rows(wi, r, x):
-    """sum_k wi[r, k] x_k, unscaled, for float32, float16 bits or int8 rows."""
+    """sum_k wi[r, k] x_k for float32 rows (int8, float16 and int4 rows take the vector IR)."""
     a = np.float32(0.0)
     for k in range(x.shape[0]):
-        a += _ld(wi, r, k) * x[k]
+        a += wi[r, k] * x[k]
     return a
 
 
@@ -315,10 +301,7 @@ def _dot_impl(wi, ws, i, r, x):
     if _f16(wi):
         return lambda wi, ws, i, r, x: _dot_w(wi[r], x)
 
-    def f(wi, ws, i, r, x):
-        a = _dot_rows(wi, r, x)
-        return a * ws[i, r] if ws.shape[0] > 0 else a
-    return f
+    return lambda wi, ws, i, r, x: _dot_rows(wi, r, x)      # float32: no scales
 
 
 def _dot2(wi, ws, i, x):
@@ -331,8 +314,8 @@ def _dot2_rows(wi, x):
     g = np.float32(0.0)
     u = np.float32(0.0)
     for k in range(x.shape[0]):
-        g += _ld(wi, 0, k) * x[k]
-        u += _ld(wi, 1, k) * x[k]
+        g += wi[0, k] * x[k]
+        u += wi[1, k] * x[k]
     return g, u
 
 
@@ -345,12 +328,7 @@ def _dot2_impl(wi, ws, i, x):
     if _f16(wi):
         return lambda wi, ws, i, x: (_dot_w(wi[0], x), _dot_w(wi[1], x))
 
-    def f(wi, ws, i, x):
-        g, u = _dot2_rows(wi, x)
-        if ws.shape[0] > 0:
-            return g * ws[i, 0], u * ws[i, 1]
-        return g, u
-    return f
+    return lambda wi, ws, i, x: _dot2_rows(wi, x)        # float32: no scales
 
 
 @njit(inline="always", fastmath=True)
@@ -390,11 +368,11 @@ def _add_down(acc, s, wi, ws, i, h):
 
 
 @njit(inline="always", fastmath=True)
-def _add_down_rows(acc, s, wi, ws, i, h):
+def _add_down_rows(acc, s, wi, h):
+    """acc[s] += h * the float32 down column wi[R-1]."""
     R = wi.shape[0]
-    hd = h * ws[i, R - 1] if ws.shape[0] > 0 else h
     for k in range(acc.shape[1]):
-        acc[s, k] += hd * _ld(wi, R - 1, k)
+        acc[s, k] += h * wi[R - 1, k]
 
 
 @overload(_add_down)
@@ -407,7 +385,7 @@ def _add_down_impl(acc, s, wi, ws, i, h):
         return lambda acc, s, wi, ws, i, h: _axpy_w(acc[s], h, wi[wi.shape[0] - 1])
 
     def f(acc, s, wi, ws, i, h):
-        _add_down_rows(acc, s, wi, ws, i, h)
+        _add_down_rows(acc, s, wi, h)
     return f
 
 
@@ -490,12 +468,11 @@ def _emit(Y, bias, base, s, i, v):
 
 
 @njit(inline="always", fastmath=True)
-def _rows4_plain(w, ws, X, bias, base, Y, b0, b1):
-    """Rows 4*b0 .. 4*b1 (clipped to O) of Y = w X (+ bias) (+ base) for float32, float16 bits or
-    int8 rows (times ws[i] when ws is not empty)."""
+def _rows4_plain(w, X, bias, base, Y, b0, b1):
+    """Rows 4*b0 .. 4*b1 (clipped to O) of Y = w X (+ bias) (+ base) for float32 rows (the other
+    dtypes take _rows4's vector-IR paths)."""
     O, D = w.shape
     S = X.shape[0]
-    sc = ws.shape[0] > 0
     for b in range(b0, b1):
         i = 4 * b
         if i + 4 <= O:
@@ -509,15 +486,10 @@ def _rows4_plain(w, ws, X, bias, base, Y, b0, b1):
                 a3 = np.float32(0.0)
                 for k in range(D):
                     xk = X[s, k]
-                    a0 += _ld(w, i, k) * xk
-                    a1 += _ld(w, i + 1, k) * xk
-                    a2 += _ld(w, i + 2, k) * xk
-                    a3 += _ld(w, i + 3, k) * xk
-                if sc:
-                    a0 *= ws[i]
-                    a1 *= ws[i + 1]
-                    a2 *= ws[i + 2]
-                    a3 *= ws[i + 3]
+                    a0 += w[i, k] * xk
+                    a1 += w[i + 1, k] * xk
+                    a2 += w[i + 2, k] * xk
+                    a3 += w[i + 3, k] * xk
                 _emit(Y, bias, base, s, i, a0)
                 _emit(Y, bias, base, s, i + 1, a1)
                 _emit(Y, bias, base, s, i + 2, a2)
@@ -527,8 +499,8 @@ def _rows4_plain(w, ws, X, bias, base, Y, b0, b1):
                 for s in range(S):
                     a = np.float32(0.0)
                     for k in range(D):
-                        a += _ld(w, j, k) * X[s, k]
-                    _emit(Y, bias, base, s, j, a * ws[j] if sc else a)
+                        a += w[j, k] * X[s, k]
+                    _emit(Y, bias, base, s, j, a)
 
 
 def _rows4(w, ws, X, bias, base, Y, b0, b1):
@@ -557,7 +529,7 @@ def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
         return h
 
     def f(w, ws, X, bias, base, Y, b0, b1):
-        _rows4_plain(w, ws, X, bias, base, Y, b0, b1)
+        _rows4_plain(w, X, bias, base, Y, b0, b1)
     return f
 
 
