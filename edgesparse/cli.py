@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF file, HF model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
     e.add_argument("-o", "--output", required=True, help="package directory to create")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8", "int4"],
-                   help="weight storage (int8: one scale per row; int4: Q4_0-style groups of 32)")
+                   help="weight storage (int8: Q8_0-style groups of 32; int4: Q4_0-style groups of 32)")
     e.add_argument("--head-dtype", choices=["float32", "float16", "int8", "int4"],
                    help="storage of the embedding and lm_head (default: --dtype; int8 when --dtype is int4)")
     e.add_argument("--force", action="store_true", help="replace an existing package")

@@ -46,7 +46,8 @@ DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int8": "<i1", "in
 # values per storage unit: int4 packs two per byte along the last axis (edgesparse/quant.py)
 PACKED = {"int4": 2}
 # weight dtypes and what their NAME.scale tensor holds (see edgesparse/quant.py)
-QUANTIZED = {"int8": "one float32 scale per row", "int4": "one float16 scale per group of 32"}
+QUANTIZED = {"int8": "one float16 scale per group of 32, or one float32 scale per row",
+             "int4": "one float16 scale per group of 32"}
 FILE_KINDS = ("raw", "onnx", "tokenizer")
 SPARSITY_METHODS = ("none", "synthetic", "paper", "gate", "input")
 
@@ -356,11 +357,13 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
         if dt in QUANTIZED and name not in pred_q:
             # int8: one float32 scale per row (the last axis is the row); int4: one float16 scale
             # per group of 32 along the row (edgesparse/quant.py)
-            s_dt, s_shape = ("float32", shape[:-1]) if dt == "int8" else ("float16", shape[:-1] + (shape[-1] // 32,))
+            groups = ("float16", shape[:-1] + (shape[-1] // 32,))
+            ok = [groups] if dt == "int4" else [groups, ("float32", shape[:-1])] if shape[-1] % 32 == 0 \
+                else [("float32", shape[:-1])]
             sc = tensors.get(name + ".scale")
-            if sc is None or sc.dtype != s_dt or sc.shape != s_shape:
-                raise PackageError(f"{where}: {dt} tensor {name!r} needs a {s_dt} tensor {name + '.scale'!r} "
-                                   f"of shape {list(s_shape)} ({QUANTIZED[dt]})")
+            if sc is None or (sc.dtype, sc.shape) not in ok:
+                want = " or ".join(f"a {d} tensor {name + '.scale'!r} of shape {list(s)}" for d, s in ok)
+                raise PackageError(f"{where}: {dt} tensor {name!r} needs {want} ({QUANTIZED[dt]})")
     # Norm weights, biases and rotary tables are tiny and read as float32 by the kernels (and the
     # rotary tables are bound as ONNX Runtime's float cos/sin caches).
     for name in ("final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"):

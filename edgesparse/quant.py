@@ -1,8 +1,12 @@
 """Quantized storage: how int8 and int4 weights are encoded, and back (NumPy only; the Numba
 kernels in runtime/kernels.py read the same encodings without widening).
 
-int8   symmetric, one float32 scale per row (the last axis):
-           q [..., D] int8, |q| <= 127;  scale [...] float32 = max|w| / 127;  w ~ q * scale
+int8   symmetric; rows whose length is a multiple of 32 in groups of 32 with one float16 scale
+       each, as llama.cpp's Q8_0:
+           q [..., D] int8, |q| <= 127;  scale [..., D/32] float16 = max|w| / 127 per group
+       other rows with one float32 scale per row (the last axis):
+           q [..., D] int8;  scale [...] float32 = max|w| / 127;  w ~ q * scale
+       The scale tensor's shape says which (readers check it; kernels dispatch on its dtype).
 int4   groups of 32 along the row, one float16 scale per group, llama.cpp's Q4_0 encoding:
            packed [..., D/2] uint8;  scale [..., D/32] float16;  w ~ (nibble - 8) * scale
        Byte j (0..15) of group g holds element 32g + j in its low nibble and 32g + 16 + j in its
@@ -31,6 +35,31 @@ def quantize_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     safe = np.where(s > 0, s, 1.0)
     q = np.clip(np.rint(a / safe[..., None]), -127, 127).astype(np.int8)
     return q, s.astype(np.float32)
+
+
+def quantize_int8_groups(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 in groups of 32: a [..., D] (D a multiple of 32) -> (q [..., D] int8, scale [..., D/32]
+    float16), d = max|w| / 127 per group, q = round(w / d) against d as stored in float16."""
+    a = np.asarray(a, np.float32)
+    D = a.shape[-1]
+    if D % GROUP:
+        raise ValueError(f"int8 groups need a row length that is a multiple of {GROUP}, got {D}")
+    g = a.reshape(*a.shape[:-1], D // GROUP, GROUP)                          # [..., G, 32]
+    d = (np.abs(g).max(axis=-1) / 127.0).astype(np.float16)
+    df = d.astype(np.float32)
+    safe = np.where(df > 0, df, 1.0)[..., None]
+    q = np.clip(np.rint(g / safe), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.reshape(a.shape)), np.ascontiguousarray(d)
+
+
+def quantize(a: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Export's encoder: int8 rows in groups of 32 when they divide (else one scale per row),
+    int4 in groups of 32. Returns (stored array, scales)."""
+    if dtype == "int4":
+        return quantize_int4(a)
+    if dtype == "int8":
+        return quantize_int8_groups(a) if a.shape[-1] % GROUP == 0 else quantize_rows(a)
+    raise ValueError(f"not a quantized dtype: {dtype!r}")
 
 
 def quantize_int4(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +95,15 @@ def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def dequantize(w: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     """The float32 values a stored weight array stands for: float16 (or its uint16 bits) widened,
-    int8 times its row scales, int4 (uint8 packed) times its group scales; float32 as is."""
+    int8 times its row or group scales, int4 (uint8 packed) times its group scales; float32 as is."""
     if w.dtype == np.uint8:
         return dequantize_int4(w, scale)
     if w.dtype == np.int8:
+        scale = np.asarray(scale)
+        if scale.ndim == w.ndim:                                              # groups of 32
+            sc = (scale.view(np.float16) if scale.dtype == np.uint16 else scale).astype(np.float32)
+            g = w.reshape(*w.shape[:-1], sc.shape[-1], GROUP).astype(np.float32) * sc[..., None]
+            return g.reshape(w.shape)
         return w.astype(np.float32) * scale[..., None]
     if w.dtype == np.uint16:
         return w.view(np.float16).astype(np.float32)

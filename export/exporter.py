@@ -11,7 +11,7 @@ from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
-from edgesparse.quant import GROUP, quantize_int4, quantize_rows
+from edgesparse.quant import GROUP, quantize
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
@@ -64,18 +64,15 @@ def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
 
 
 def _stored(name: str, a: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray, str]]:
-    """One tensor as written: float32/float16 as is, int8 as (q, name.scale float32 per row), int4
-    as (packed nibbles, name.scale float16 per group of 32) -- edgesparse/quant.py."""
-    if dtype == "int8":
-        q, s = quantize_rows(a)
-        return [(name, q, "int8"), (name + ".scale", s, "float32")]
-    if dtype == "int4":
-        if a.shape[-1] % GROUP:
-            raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
-                                  f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
-        q, s = quantize_int4(a)
-        return [(name, q, "int4"), (name + ".scale", s, "float16")]
-    return [(name, a, dtype)]
+    """One tensor as written: float32/float16 as is, int8 / int4 as (values, name.scale); the
+    encodings are edgesparse/quant.py's."""
+    if dtype not in ("int8", "int4"):
+        return [(name, a, dtype)]
+    if dtype == "int4" and a.shape[-1] % GROUP:
+        raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
+                              f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
+    q, s = quantize(a, dtype)
+    return [(name, q, dtype), (name + ".scale", s, "float32" if s.dtype == np.float32 else "float16")]
 
 
 # Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,

@@ -3,9 +3,11 @@
 Conventions: x is the FFN input of one token [D]; the FFN weights are neuron-major
 w [N, R, D] (gated, R = 3: row 0 = gate, row 1 = up, row 2 = the neuron's column of down), so one
 neuron's vectors are contiguous (3·D·4 bytes = 6.9 KB for SmolLM2) and a skipped neuron costs no
-read at all. int8 weights (--dtype int8) come with one float32 scale per row, ws [N, R] for the
-FFN ([O] for a projection, [V] for an embedding; shape [0, ...] for float weights): a dot product
-is sum(q_k x_k) * scale, and a down column adds (h * scale) * q_k. Plain MLPs (OPT, Phi-2) have R = 2: fc1 row in the gate's place, fc2 column, and
+read at all. int8 weights (--dtype int8) come with float16 scales (uint16 bits) per group of 32
+along the row (Q8_0), ws [N, R, D/32] for the FFN ([O, D/32] for a projection, [V, D/32] for an
+embedding), or, for rows that are not whole groups, one float32 scale per row, ws [N, R] ([O],
+[V]); shape [0, ...] for float weights. A dot product is sum over groups of sum(q_k x_k) * scale,
+and a down column adds (h * scale) * q_k. Plain MLPs (OPT, Phi-2) have R = 2: fc1 row in the gate's place, fc2 column, and
 h = act(fc1.x + b), i.e. a gated FFN whose up is 1. bias b [N, R-1] holds each neuron's input
 biases (shape [0, R-1] when the model has none). A neuron with h == 0 exactly (ReLU's natural
 zeros) never reads its down column, whatever the threshold: skipping it changes nothing. float16 weights arrive as their uint16 bit patterns (Numba has no CPU float16)
@@ -89,6 +91,11 @@ def _q8(a) -> bool:
 def _f16(a) -> bool:
     """True for float16 weights (their uint16 bits)."""
     return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 16
+
+
+def _grouped(ws) -> bool:
+    """Scales in groups of 32 (float16 bits) rather than one float32 per row."""
+    return isinstance(ws, types.Array) and ws.dtype == types.uint16
 
 
 # -- int4 rows: hand-built LLVM vector IR --------------------------------------------------------
@@ -278,6 +285,57 @@ def _axpy_w(typingctx, acc, h, row):
     return types.void(acc, h, row), codegen
 
 
+@intrinsic
+def _dot_q8g(typingctx, row, sc, x):
+    """sum_k w_k x_k for one int8 row in groups of 32 (Q8_0): row [D] int8, sc [D/32] float16 bits,
+    x [D] float32. Group g: two <16 x i8> loads, one scale."""
+    if not (_w_typed(row, x) and row.dtype == types.int8 and _w_typed(sc) and sc.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ra, sa, xa = (context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args))
+        G = builder.extract_value(sa.shape, 0)
+        psc = builder.bitcast(sa.data, _i16.as_pointer())
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_vf, [0.0] * _V))
+        with cgutils.for_range(builder, G) as loop:
+            g = loop.index
+            s = None
+            for half in (0, 16):
+                o = builder.add(builder.mul(g, ir.Constant(g.type, 32)), ir.Constant(g.type, half))
+                q = builder.load(builder.bitcast(builder.gep(ra.data, [o]), ir.VectorType(_i8, _V).as_pointer()), align=1)
+                t = builder.fmul(builder.sitofp(q, _vf), builder.load(_vec_at(builder, xa.data, o), align=4), flags=_FAST)
+                s = t if s is None else builder.fadd(s, t, flags=_FAST)
+            d = _splat(builder, _group_scale(builder, psc, g))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(s, d, flags=_FAST), flags=_FAST), acc)
+        return _hsum(builder, builder.load(acc))
+    return types.float32(row, sc, x), codegen
+
+
+@intrinsic
+def _axpy_q8g(typingctx, acc, h, row, sc):
+    """acc [D] += h * one int8 row in groups of 32 (row [D] int8, sc [D/32] float16 bits)."""
+    if not (_w_typed(row, acc) and row.dtype == types.int8 and _w_typed(sc) and sc.dtype == types.uint16
+            and h == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aa, ra, sa = (context.make_array(t)(context, builder, a) for t, a in
+                      zip((sig.args[0], sig.args[2], sig.args[3]), (args[0], args[2], args[3])))
+        G = builder.extract_value(sa.shape, 0)
+        psc = builder.bitcast(sa.data, _i16.as_pointer())
+        with cgutils.for_range(builder, G) as loop:
+            g = loop.index
+            hs = _splat(builder, builder.fmul(args[1], _group_scale(builder, psc, g), flags=_FAST))
+            for half in (0, 16):
+                o = builder.add(builder.mul(g, ir.Constant(g.type, 32)), ir.Constant(g.type, half))
+                q = builder.load(builder.bitcast(builder.gep(ra.data, [o]), ir.VectorType(_i8, _V).as_pointer()), align=1)
+                p = _vec_at(builder, aa.data, o)
+                builder.store(builder.fadd(builder.load(p, align=4), builder.fmul(hs, builder.sitofp(q, _vf), flags=_FAST),
+                                           flags=_FAST), p, align=4)
+        return context.get_dummy_value()
+    return types.void(acc, h, row, sc), codegen
+
+
 @njit(inline="always", fastmath=True)
 def _dot_rows(wi, r, x):
     """sum_k wi[r, k] x_k for float32 rows (int8, float16 and int4 rows take the vector IR)."""
@@ -296,6 +354,8 @@ def _dot(wi, ws, i, r, x):
 def _dot_impl(wi, ws, i, r, x):
     if _q4(wi):
         return lambda wi, ws, i, r, x: _dot_q4(wi[r], ws[i, r], x)
+    if _q8(wi) and _grouped(ws):
+        return lambda wi, ws, i, r, x: _dot_q8g(wi[r], ws[i, r], x)
     if _q8(wi):
         return lambda wi, ws, i, r, x: _dot_w(wi[r], x) * ws[i, r]
     if _f16(wi):
@@ -323,6 +383,8 @@ def _dot2_rows(wi, x):
 def _dot2_impl(wi, ws, i, x):
     if _q4(wi):
         return lambda wi, ws, i, x: (_dot_q4(wi[0], ws[i, 0], x), _dot_q4(wi[1], ws[i, 1], x))
+    if _q8(wi) and _grouped(ws):
+        return lambda wi, ws, i, x: (_dot_q8g(wi[0], ws[i, 0], x), _dot_q8g(wi[1], ws[i, 1], x))
     if _q8(wi):
         return lambda wi, ws, i, x: (_dot_w(wi[0], x) * ws[i, 0], _dot_w(wi[1], x) * ws[i, 1])
     if _f16(wi):
@@ -379,6 +441,8 @@ def _add_down_rows(acc, s, wi, h):
 def _add_down_impl(acc, s, wi, ws, i, h):
     if _q4(wi):
         return lambda acc, s, wi, ws, i, h: _axpy_q4(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
+    if _q8(wi) and _grouped(ws):
+        return lambda acc, s, wi, ws, i, h: _axpy_q8g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
     if _q8(wi):
         return lambda acc, s, wi, ws, i, h: _axpy_w(acc[s], h * ws[i, wi.shape[0] - 1], wi[wi.shape[0] - 1])
     if _f16(wi):
@@ -515,6 +579,12 @@ def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
                 for s in range(X.shape[0]):
                     _emit(Y, bias, base, s, j, _dot_q4(w[j], ws[j], X[s]))
         return f
+    if _q8(w) and _grouped(ws):
+        def f8(w, ws, X, bias, base, Y, b0, b1):
+            for j in range(4 * b0, min(4 * b1, w.shape[0])):
+                for s in range(X.shape[0]):
+                    _emit(Y, bias, base, s, j, _dot_q8g(w[j], ws[j], X[s]))
+        return f8
     if _q8(w):
         def g(w, ws, X, bias, base, Y, b0, b1):
             for j in range(4 * b0, min(4 * b1, w.shape[0])):
@@ -634,6 +704,13 @@ def _gather_row_impl(table, ts, t, scale, out):
                     out[32 * g + j] = np.float32((b & 15) - 8) * d
                     out[32 * g + 16 + j] = np.float32((b >> 4) - 8) * d
         return f
+
+    if _q8(table) and _grouped(ts):
+        def f8(table, ts, t, scale, out):
+            row, sc = table[t], ts[t]
+            for k in range(out.shape[0]):
+                out[k] = np.float32(row[k]) * (scale * _h2f(sc[k // 32]))
+        return f8
 
     def f(table, ts, t, scale, out):
         row = table[t]  # [D]

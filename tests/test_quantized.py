@@ -31,9 +31,9 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "u
 
 
 def _stands_for(w: np.ndarray, dtype: str) -> np.ndarray:
-    """The float32 values export stores for rows w [..., D] at this dtype."""
-    from edgesparse.quant import dequantize, quantize_int4, quantize_rows
-    return dequantize(*(quantize_rows(w) if dtype == "int8" else quantize_int4(w)))
+    """The float32 values export stores for rows w [..., D] at this dtype (export's own encoder)."""
+    from edgesparse.quant import dequantize, quantize
+    return dequantize(*quantize(w, dtype))
 
 
 # (family, --dtype, --head-dtype): int4 packages keep the embedding and lm_head int8 by default
@@ -76,16 +76,17 @@ def test_quantized_package_layout(case):
     N, R, D = p.manifest.tensor("layers.0.ffn").shape
     assert p.tensor("layers.0.attn_norm").dtype == np.float32            # norms stay float32
     if " int8 " in name:
-        assert ffn.dtype == np.int8 and sc.dtype == np.float32 and sc.shape == (N, R)
-        assert p.tensor("embed").dtype == np.int8 and p.tensor("embed.scale").shape == (p.config.vocab_size,)
-        assert np.abs(ffn).max() == 127                                   # the scale is max|w| / 127
+        # rows of 96 values: groups of 32 with a float16 scale each (Q8_0); the extreme of a group is 127
+        assert ffn.dtype == np.int8 and sc.dtype == np.float16 and sc.shape == (N, R, D // 32)
+        assert p.tensor("embed").dtype == np.int8
+        assert p.tensor("embed.scale").shape == (p.config.vocab_size, p.config.embed_dim // 32)
+        assert (np.abs(ffn.reshape(N, R, D // 32, 32)).max(axis=-1) == 127).all()
     else:
         # two values per byte, one float16 scale per group of 32; the extreme value of a group is -8
         assert ffn.dtype == np.uint8 and ffn.shape == (N, R, D // 2)
         assert sc.dtype == np.float16 and sc.shape == (N, R, D // 32)
-        V, E = p.config.vocab_size, p.config.embed_dim
-        want = (V, E // 32) if name.endswith("(head int4)") else (V,)                 # int4 or int8 rows
-        assert p.tensor("embed.scale").shape == want
+        # int4 and int8 heads alike: a scale per group of 32 (float16)
+        assert p.tensor("embed.scale").shape == (p.config.vocab_size, p.config.embed_dim // 32)
         assert ((ffn & 15).min(), (ffn >> 4).min()) == (0, 0)
     total = {dt: sum(t.nbytes for t in p.manifest.tensors.values() if t.dtype == dt)
              for dt in ("float32", "float16", "int8", "int4")}
@@ -138,16 +139,16 @@ def test_quantized_thresholded_and_predict_modes_run(case, tmp_path):
     assert d < ATOL
 
 
-@pytest.mark.parametrize("dtype,O,D,S", [("int8", 37, 29, 1), ("int8", 130, 61, 5), ("int4", 37, 96, 1),
-                                         ("int4", 131, 160, 5)])
+@pytest.mark.parametrize("dtype,O,D,S", [("int8", 37, 29, 1), ("int8", 130, 61, 5), ("int8g", 37, 96, 1),
+                                         ("int8g", 131, 160, 5), ("int4", 37, 96, 1), ("int4", 131, 160, 5)])
 def test_quantized_kernels_vs_numpy(dtype, O, D, S):
     """linear, gather_rows and ffn_glu_batch on quantized rows against NumPy on the dequantized
-    rows, odd row counts (int4 rows are whole groups of 32). Tolerance: D-term float32 dot
+    rows, odd row counts (int8: a scale per row; int8g, int4: per group of 32, whole groups). Tolerance: D-term float32 dot
     products, |error| <= D * eps32 * sum|w_k x_k|, times 4 for the scale multiplies (per row or
     per group) and the chunked partial sums."""
-    from edgesparse.quant import dequantize, quantize_int4, quantize_rows
+    from edgesparse.quant import dequantize, quantize_int4, quantize_int8_groups, quantize_rows
     from edgesparse.runtime import kernels as K
-    enc = quantize_rows if dtype == "int8" else quantize_int4
+    enc = {"int8": quantize_rows, "int8g": quantize_int8_groups, "int4": quantize_int4}[dtype]
     kern = lambda s: s.view(np.uint16) if s.dtype == np.float16 else s   # noqa: E731 (the runtime's view)
     eps = np.finfo(np.float32).eps
     rng = np.random.default_rng(O + D)
