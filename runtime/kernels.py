@@ -98,7 +98,7 @@ def _grouped(ws) -> bool:
     return isinstance(ws, types.Array) and ws.dtype == types.uint16
 
 
-# -- int4 rows: hand-built LLVM vector IR --------------------------------------------------------
+# -- quantized and float16 rows: hand-built LLVM vector IR ---------------------------------------
 # Written in Numba, the per-group loop is either unrolled by LLVM and vectorized across groups with
 # gathers (constant 16), or vectorized with a 64-wide main loop that a 16-byte group never enters
 # (runtime 16): 9.5 and 5.4 ms for SmolLM2's 30 layers of int4 gate and up rows on 2 threads. The
@@ -147,27 +147,46 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
-def _q4_typed(row, sc, *floats) -> bool:
-    # C-contiguous only: the IR indexes raw data pointers (every caller passes rows of C arrays)
-    arr = lambda a, dt: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt  # noqa: E731
-    return arr(row, types.uint8) and arr(sc, types.uint16) and all(arr(f, types.float32) for f in floats)
+def _grouped_packing(row, sc, *floats):
+    """For rows in groups of 32 with float16 scales: True for int4 (packed uint8), False for int8,
+    None when the types do not fit. C-contiguous only: the IR indexes raw data pointers (every
+    caller passes rows of C arrays)."""
+    arr = lambda a, dts: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype in dts  # noqa: E731
+    if not (arr(row, (types.uint8, types.int8)) and arr(sc, (types.uint16,))
+            and all(arr(f, (types.float32,)) for f in floats)):
+        return None
+    return row.dtype == types.uint8
+
+
+def _group_values(builder, data, g, packed: bool):
+    """Group g's 32 values, unscaled, as two <16 x float> (values 32g .. 32g+15 and 32g+16 ..
+    32g+31): int4, the 16 bytes at data + 16g (low nibbles, then high); int8, the 32 at data + 32g."""
+    p8 = builder.bitcast(data, _i8.as_pointer())
+    if packed:
+        return _nibbles(builder, builder.gep(p8, [builder.mul(g, ir.Constant(g.type, 16))]))
+    o = builder.mul(g, ir.Constant(g.type, 32))
+    return tuple(builder.sitofp(builder.load(builder.bitcast(builder.gep(p8, [builder.add(o, ir.Constant(g.type, h))]),
+                                                             _vb.as_pointer()), align=1), _vf) for h in (0, 16))
 
 
 @intrinsic
-def _dot_q4(typingctx, row, sc, x):
-    """sum_k w_k x_k for one int4 row: row [D/2] uint8, sc [D/32] float16 bits, x [D] float32.
-    Group g: low nibbles meet x[32g .. 32g+15], high nibbles x[32g+16 .. 32g+31]."""
-    if not _q4_typed(row, sc, x):
+def _dot_g(typingctx, row, sc, x):
+    """sum_k w_k x_k for one row in groups of 32 with float16 scales: int4 (row [D/2] uint8, Q4_0)
+    or int8 (row [D] int8, Q8_0); sc [D/32] float16 bits, x [D] float32. Per group: the two halves
+    meet x[32g .. 32g+15] and x[32g+16 .. 32g+31], the group's sum is scaled once into a
+    <16 x float> accumulator, summed across lanes at the end."""
+    packed = _grouped_packing(row, sc, x)
+    if packed is None:
         return None
 
     def codegen(context, builder, sig, args):
         ra, sa, xa = (context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args))
         G = builder.extract_value(sa.shape, 0)
-        p8, psc = builder.bitcast(ra.data, _i8.as_pointer()), builder.bitcast(sa.data, _i16.as_pointer())
+        psc = builder.bitcast(sa.data, _i16.as_pointer())
         acc = cgutils.alloca_once_value(builder, ir.Constant(_vf, [0.0] * _V))
         with cgutils.for_range(builder, G) as loop:
             g = loop.index
-            lo, hi = _nibbles(builder, builder.gep(p8, [builder.mul(g, ir.Constant(g.type, 16))]))
+            lo, hi = _group_values(builder, ra.data, g, packed)
             xo = builder.mul(g, ir.Constant(g.type, 32))
             x0 = builder.load(_vec_at(builder, xa.data, xo), align=4)
             x1 = builder.load(_vec_at(builder, xa.data, builder.add(xo, ir.Constant(g.type, 16))), align=4)
@@ -179,19 +198,20 @@ def _dot_q4(typingctx, row, sc, x):
 
 
 @intrinsic
-def _axpy_q4(typingctx, acc, h, row, sc):
-    """acc [D] += h * the int4 row (row [D/2] uint8, sc [D/32] float16 bits); h float32."""
-    if not (_q4_typed(row, sc, acc) and h == types.float32):
+def _axpy_g(typingctx, acc, h, row, sc):
+    """acc [D] += h * one row in groups of 32 (int4 or int8, as _dot_g); h float32."""
+    packed = _grouped_packing(row, sc, acc)
+    if packed is None or h != types.float32:
         return None
 
     def codegen(context, builder, sig, args):
         aa, ra, sa = (context.make_array(t)(context, builder, a) for t, a in
                       zip((sig.args[0], sig.args[2], sig.args[3]), (args[0], args[2], args[3])))
         G = builder.extract_value(sa.shape, 0)
-        p8, psc = builder.bitcast(ra.data, _i8.as_pointer()), builder.bitcast(sa.data, _i16.as_pointer())
+        psc = builder.bitcast(sa.data, _i16.as_pointer())
         with cgutils.for_range(builder, G) as loop:
             g = loop.index
-            lo, hi = _nibbles(builder, builder.gep(p8, [builder.mul(g, ir.Constant(g.type, 16))]))
+            lo, hi = _group_values(builder, ra.data, g, packed)
             hs = _splat(builder, builder.fmul(args[1], _group_scale(builder, psc, g), flags=_FAST))
             xo = builder.mul(g, ir.Constant(g.type, 32))
             for half, q in ((0, lo), (16, hi)):
@@ -285,57 +305,6 @@ def _axpy_w(typingctx, acc, h, row):
     return types.void(acc, h, row), codegen
 
 
-@intrinsic
-def _dot_q8g(typingctx, row, sc, x):
-    """sum_k w_k x_k for one int8 row in groups of 32 (Q8_0): row [D] int8, sc [D/32] float16 bits,
-    x [D] float32. Group g: two <16 x i8> loads, one scale."""
-    if not (_w_typed(row, x) and row.dtype == types.int8 and _w_typed(sc) and sc.dtype == types.uint16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ra, sa, xa = (context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args))
-        G = builder.extract_value(sa.shape, 0)
-        psc = builder.bitcast(sa.data, _i16.as_pointer())
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_vf, [0.0] * _V))
-        with cgutils.for_range(builder, G) as loop:
-            g = loop.index
-            s = None
-            for half in (0, 16):
-                o = builder.add(builder.mul(g, ir.Constant(g.type, 32)), ir.Constant(g.type, half))
-                q = builder.load(builder.bitcast(builder.gep(ra.data, [o]), ir.VectorType(_i8, _V).as_pointer()), align=1)
-                t = builder.fmul(builder.sitofp(q, _vf), builder.load(_vec_at(builder, xa.data, o), align=4), flags=_FAST)
-                s = t if s is None else builder.fadd(s, t, flags=_FAST)
-            d = _splat(builder, _group_scale(builder, psc, g))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(s, d, flags=_FAST), flags=_FAST), acc)
-        return _hsum(builder, builder.load(acc))
-    return types.float32(row, sc, x), codegen
-
-
-@intrinsic
-def _axpy_q8g(typingctx, acc, h, row, sc):
-    """acc [D] += h * one int8 row in groups of 32 (row [D] int8, sc [D/32] float16 bits)."""
-    if not (_w_typed(row, acc) and row.dtype == types.int8 and _w_typed(sc) and sc.dtype == types.uint16
-            and h == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        aa, ra, sa = (context.make_array(t)(context, builder, a) for t, a in
-                      zip((sig.args[0], sig.args[2], sig.args[3]), (args[0], args[2], args[3])))
-        G = builder.extract_value(sa.shape, 0)
-        psc = builder.bitcast(sa.data, _i16.as_pointer())
-        with cgutils.for_range(builder, G) as loop:
-            g = loop.index
-            hs = _splat(builder, builder.fmul(args[1], _group_scale(builder, psc, g), flags=_FAST))
-            for half in (0, 16):
-                o = builder.add(builder.mul(g, ir.Constant(g.type, 32)), ir.Constant(g.type, half))
-                q = builder.load(builder.bitcast(builder.gep(ra.data, [o]), ir.VectorType(_i8, _V).as_pointer()), align=1)
-                p = _vec_at(builder, aa.data, o)
-                builder.store(builder.fadd(builder.load(p, align=4), builder.fmul(hs, builder.sitofp(q, _vf), flags=_FAST),
-                                           flags=_FAST), p, align=4)
-        return context.get_dummy_value()
-    return types.void(acc, h, row, sc), codegen
-
-
 @njit(inline="always", fastmath=True)
 def _dot_rows(wi, r, x):
     """sum_k wi[r, k] x_k for float32 rows (int8, float16 and int4 rows take the vector IR)."""
@@ -353,9 +322,9 @@ def _dot(wi, ws, i, r, x):
 @overload(_dot)
 def _dot_impl(wi, ws, i, r, x):
     if _q4(wi):
-        return lambda wi, ws, i, r, x: _dot_q4(wi[r], ws[i, r], x)
+        return lambda wi, ws, i, r, x: _dot_g(wi[r], ws[i, r], x)
     if _q8(wi) and _grouped(ws):
-        return lambda wi, ws, i, r, x: _dot_q8g(wi[r], ws[i, r], x)
+        return lambda wi, ws, i, r, x: _dot_g(wi[r], ws[i, r], x)
     if _q8(wi):
         return lambda wi, ws, i, r, x: _dot_w(wi[r], x) * ws[i, r]
     if _f16(wi):
@@ -382,9 +351,9 @@ def _dot2_rows(wi, x):
 @overload(_dot2)
 def _dot2_impl(wi, ws, i, x):
     if _q4(wi):
-        return lambda wi, ws, i, x: (_dot_q4(wi[0], ws[i, 0], x), _dot_q4(wi[1], ws[i, 1], x))
+        return lambda wi, ws, i, x: (_dot_g(wi[0], ws[i, 0], x), _dot_g(wi[1], ws[i, 1], x))
     if _q8(wi) and _grouped(ws):
-        return lambda wi, ws, i, x: (_dot_q8g(wi[0], ws[i, 0], x), _dot_q8g(wi[1], ws[i, 1], x))
+        return lambda wi, ws, i, x: (_dot_g(wi[0], ws[i, 0], x), _dot_g(wi[1], ws[i, 1], x))
     if _q8(wi):
         return lambda wi, ws, i, x: (_dot_w(wi[0], x) * ws[i, 0], _dot_w(wi[1], x) * ws[i, 1])
     if _f16(wi):
@@ -440,9 +409,9 @@ def _add_down_rows(acc, s, wi, h):
 @overload(_add_down)
 def _add_down_impl(acc, s, wi, ws, i, h):
     if _q4(wi):
-        return lambda acc, s, wi, ws, i, h: _axpy_q4(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
+        return lambda acc, s, wi, ws, i, h: _axpy_g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
     if _q8(wi) and _grouped(ws):
-        return lambda acc, s, wi, ws, i, h: _axpy_q8g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
+        return lambda acc, s, wi, ws, i, h: _axpy_g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
     if _q8(wi):
         return lambda acc, s, wi, ws, i, h: _axpy_w(acc[s], h * ws[i, wi.shape[0] - 1], wi[wi.shape[0] - 1])
     if _f16(wi):
@@ -577,13 +546,13 @@ def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
         def f(w, ws, X, bias, base, Y, b0, b1):
             for j in range(4 * b0, min(4 * b1, w.shape[0])):
                 for s in range(X.shape[0]):
-                    _emit(Y, bias, base, s, j, _dot_q4(w[j], ws[j], X[s]))
+                    _emit(Y, bias, base, s, j, _dot_g(w[j], ws[j], X[s]))
         return f
     if _q8(w) and _grouped(ws):
         def f8(w, ws, X, bias, base, Y, b0, b1):
             for j in range(4 * b0, min(4 * b1, w.shape[0])):
                 for s in range(X.shape[0]):
-                    _emit(Y, bias, base, s, j, _dot_q8g(w[j], ws[j], X[s]))
+                    _emit(Y, bias, base, s, j, _dot_g(w[j], ws[j], X[s]))
         return f8
     if _q8(w):
         def g(w, ws, X, bias, base, Y, b0, b1):
