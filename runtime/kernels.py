@@ -321,9 +321,7 @@ def _dot(wi, ws, i, r, x):
 
 @overload(_dot)
 def _dot_impl(wi, ws, i, r, x):
-    if _q4(wi):
-        return lambda wi, ws, i, r, x: _dot_g(wi[r], ws[i, r], x)
-    if _q8(wi) and _grouped(ws):
+    if _grouped(ws):            # int4, or int8 in groups of 32
         return lambda wi, ws, i, r, x: _dot_g(wi[r], ws[i, r], x)
     if _q8(wi):
         return lambda wi, ws, i, r, x: _dot_w(wi[r], x) * ws[i, r]
@@ -350,16 +348,9 @@ def _dot2_rows(wi, x):
 
 @overload(_dot2)
 def _dot2_impl(wi, ws, i, x):
-    if _q4(wi):
-        return lambda wi, ws, i, x: (_dot_g(wi[0], ws[i, 0], x), _dot_g(wi[1], ws[i, 1], x))
-    if _q8(wi) and _grouped(ws):
-        return lambda wi, ws, i, x: (_dot_g(wi[0], ws[i, 0], x), _dot_g(wi[1], ws[i, 1], x))
-    if _q8(wi):
-        return lambda wi, ws, i, x: (_dot_w(wi[0], x) * ws[i, 0], _dot_w(wi[1], x) * ws[i, 1])
-    if _f16(wi):
-        return lambda wi, ws, i, x: (_dot_w(wi[0], x), _dot_w(wi[1], x))
-
-    return lambda wi, ws, i, x: _dot2_rows(wi, x)        # float32: no scales
+    if isinstance(wi.dtype, types.Float):     # float32: one fused pass, no scales
+        return lambda wi, ws, i, x: _dot2_rows(wi, x)
+    return lambda wi, ws, i, x: (_dot(wi, ws, i, 0, x), _dot(wi, ws, i, 1, x))
 
 
 @njit(inline="always", fastmath=True)
@@ -408,9 +399,7 @@ def _add_down_rows(acc, s, wi, h):
 
 @overload(_add_down)
 def _add_down_impl(acc, s, wi, ws, i, h):
-    if _q4(wi):
-        return lambda acc, s, wi, ws, i, h: _axpy_g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
-    if _q8(wi) and _grouped(ws):
+    if _grouped(ws):            # int4, or int8 in groups of 32
         return lambda acc, s, wi, ws, i, h: _axpy_g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
     if _q8(wi):
         return lambda acc, s, wi, ws, i, h: _axpy_w(acc[s], h * ws[i, wi.shape[0] - 1], wi[wi.shape[0] - 1])
@@ -540,35 +529,30 @@ def _rows4(w, ws, X, bias, base, Y, b0, b1):
     """Rows 4*b0 .. 4*b1 (clipped to O) of Y = w X (+ bias) (+ base), w [O, ·] of any dtype."""
 
 
+def _row_dot(w, ws, j, x):
+    """Row j of a projection w [O, ·] dotted with x [D], scaled (ws: [O] per row, [O, G] per group)."""
+
+
+@overload(_row_dot)
+def _row_dot_impl(w, ws, j, x):
+    if _grouped(ws):            # int4, or int8 in groups of 32
+        return lambda w, ws, j, x: _dot_g(w[j], ws[j], x)
+    if _q8(w):
+        return lambda w, ws, j, x: _dot_w(w[j], x) * ws[j]
+    return lambda w, ws, j, x: _dot_w(w[j], x)                # float16 bits
+
+
 @overload(_rows4, inline="always")
 def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
-    if _q4(w):
-        def f(w, ws, X, bias, base, Y, b0, b1):
-            for j in range(4 * b0, min(4 * b1, w.shape[0])):
-                for s in range(X.shape[0]):
-                    _emit(Y, bias, base, s, j, _dot_g(w[j], ws[j], X[s]))
-        return f
-    if _q8(w) and _grouped(ws):
-        def f8(w, ws, X, bias, base, Y, b0, b1):
-            for j in range(4 * b0, min(4 * b1, w.shape[0])):
-                for s in range(X.shape[0]):
-                    _emit(Y, bias, base, s, j, _dot_g(w[j], ws[j], X[s]))
-        return f8
-    if _q8(w):
-        def g(w, ws, X, bias, base, Y, b0, b1):
-            for j in range(4 * b0, min(4 * b1, w.shape[0])):
-                for s in range(X.shape[0]):
-                    _emit(Y, bias, base, s, j, _dot_w(w[j], X[s]) * ws[j])
-        return g
-    if _f16(w):
-        def h(w, ws, X, bias, base, Y, b0, b1):
-            for j in range(4 * b0, min(4 * b1, w.shape[0])):
-                for s in range(X.shape[0]):
-                    _emit(Y, bias, base, s, j, _dot_w(w[j], X[s]))
-        return h
+    if isinstance(w.dtype, types.Float):
+        def f32(w, ws, X, bias, base, Y, b0, b1):
+            _rows4_plain(w, X, bias, base, Y, b0, b1)
+        return f32
 
-    def f(w, ws, X, bias, base, Y, b0, b1):
-        _rows4_plain(w, X, bias, base, Y, b0, b1)
+    def f(w, ws, X, bias, base, Y, b0, b1):     # one row at a time: the IR dot shares nothing
+        for j in range(4 * b0, min(4 * b1, w.shape[0])):
+            for s in range(X.shape[0]):
+                _emit(Y, bias, base, s, j, _row_dot(w, ws, j, X[s]))
     return f
 
 

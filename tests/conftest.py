@@ -48,6 +48,22 @@ def _make_tiny(path: Path, seed: int, **over) -> Path:
     return path
 
 
+def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of prompt, n new tokens, cut after EOS (HF pads past
+    EOS; the runtime stops at it). Shared with devices/qemu-arm64/host_reference.py."""
+    import torch
+    t = torch.tensor([prompt])
+    out = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    eos = hf.generation_config.eos_token_id
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    return _hf_greedy
+
+
 def _export(src: Path, out: Path, **kw) -> Path:
     from edgesparse.export import export
     return export(str(src), out, progress=False, **kw)

@@ -187,15 +187,10 @@ def test_decode_steps_match_transformers(rt, tiny_hf, ids, tiny_llama_pkg):
     assert rt.stats.ffn_kept == [cfg.ffn_dim * cfg.n_layers] * (len(ids) - 7)
 
 
-def test_greedy_generation_matches_transformers(tiny_llama_pkg, tiny_hf):
+def test_greedy_generation_matches_transformers(tiny_llama_pkg, tiny_hf, hf_greedy):
     prompt = [5, 6, 7, 8, 9]
     n = 20
-    t = torch.tensor([prompt])
-    hf_seq = tiny_hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
-                              pad_token_id=0)[0, len(prompt):].tolist()
-    eos = tiny_hf.generation_config.eos_token_id
-    if eos in hf_seq:                                  # HF pads after EOS; the runtime stops at it
-        hf_seq = hf_seq[:hf_seq.index(eos) + 1]
+    hf_seq = hf_greedy(tiny_hf, prompt, n)
     rt = Model(tiny_llama_pkg, ctx=64)
     out, stats = generate(rt, prompt, n, Sampler(0.0))
     # margin between the best and second-best HF logit along the path: how far from a tie

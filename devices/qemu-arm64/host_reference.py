@@ -59,12 +59,7 @@ def main(out: Path) -> None:
 
     tok = Tokenizer.from_file(str(out / "tiny.esp" / "tokenizer.json"))
     prompt_ids = tok.encode(PROMPT).ids
-    t = torch.tensor([prompt_ids])
-    greedy = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=N_NEW, do_sample=False,
-                         pad_token_id=0)[0, len(prompt_ids):].tolist()
-    eos = hf.generation_config.eos_token_id
-    if eos in greedy:                # HF pads after EOS; the runtime stops at it
-        greedy = greedy[:greedy.index(eos) + 1]
+    greedy = ct._hf_greedy(hf, prompt_ids, N_NEW)
     # how far the greedy path is from a tie: a margin far above the logit tolerance means the
     # emulated run must pick the same tokens
     path = logits(hf, prompt_ids + greedy[:-1])[len(prompt_ids) - 1:]
