@@ -60,6 +60,7 @@ def main(out: Path) -> None:
     tok = Tokenizer.from_file(str(out / "tiny.esp" / "tokenizer.json"))
     prompt_ids = tok.encode(PROMPT).ids
     greedy = ct._hf_greedy(hf, prompt_ids, N_NEW)
+    eos = hf.generation_config.eos_token_id
     # how far the greedy path is from a tie: a margin far above the logit tolerance means the
     # emulated run must pick the same tokens
     path = logits(hf, prompt_ids + greedy[:-1])[len(prompt_ids) - 1:]
