@@ -12,9 +12,15 @@ int4   groups of 32 along the row, one float16 scale per group, llama.cpp's Q4_0
        Byte j (0..15) of group g holds element 32g + j in its low nibble and 32g + 16 + j in its
        high nibble, so a kernel unpacks 16 bytes into two runs of 16 consecutive values that meet
        16 consecutive x's each (vectorizes; an interleaved even/odd layout would need a shuffle).
-       The scale is d = m / -8 for the element m of largest magnitude (its sign kept): m maps to
-       -8 exactly and the 16 levels span [-8d, 7d] on the side where the extreme value lies, one
-       level more than a symmetric +-7 grid. 4.5 bits per weight, like Q4_0.
+       The scale: Q4_0 sets d = m / -8 for the element m of largest magnitude (its sign kept),
+       so m maps to -8 and the 16 levels span [-8d, 7d] on the side where the extreme lies. Here
+       that is the first of a few candidates: levels are rounded against m / c for c in
+       [-9, -6] and, for each, d is the least-squares scale of those levels (sum w q / sum q q);
+       the candidate with the smallest squared error wins (llama.cpp's make_qx_quants search,
+       without an importance matrix). Pinning the extreme wastes resolution on one outlier per
+       group; on SmolLM2-135M, WikiText-2 test 16 x 1024 tokens, the search takes int4 gate/up/
+       down/attention from 29.53 to 28.55 perplexity (float32 22.75, llama.cpp Q4_0 28.68).
+       Same bytes and decoder: 4.5 bits per weight, like Q4_0.
 
 The manifest names the scale tensor NAME.scale; the logical shape of an int4 tensor is the
 unpacked [..., D] (docs/FORMAT.md).
@@ -63,23 +69,56 @@ def quantize(a: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_int4(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int4: a [..., D] (D a multiple of 32) -> (packed [..., D/2] uint8, scale [..., D/32] float16).
-    Nibbles are rounded against the float16 scale as stored, so dequantizing gives back exactly
-    the values the rounding chose. An all-zero group gets scale 0 (every nibble 8)."""
+    """int4: a [..., D] (D a multiple of 32) -> (packed [..., D/2] uint8, scale [..., D/32] float16),
+    the scale per group chosen by the squared-error search above. Nibbles are rounded against the
+    float16 scale as stored, so dequantizing gives back exactly the values the error was measured
+    on. An all-zero group gets scale 0 (every nibble 8)."""
     a = np.asarray(a, np.float32)
     D = a.shape[-1]
     if D % GROUP:
         raise ValueError(f"int4 rows need a length that is a multiple of {GROUP}, got {D}")
-    g = a.reshape(*a.shape[:-1], D // GROUP, GROUP)                          # [..., G, 32]
-    idx = np.abs(g).argmax(axis=-1)[..., None]
-    m = np.take_along_axis(g, idx, axis=-1)[..., 0]                          # [..., G] signed extreme
-    d = (m / -8.0).astype(np.float16)
+    lead = a.shape[:-1]
+    g = a.reshape(-1, GROUP)                                                 # [groups, 32]
+    q = np.empty(g.shape, np.uint8)
+    d = np.empty(g.shape[0], np.float16)
+    step = 1 << 16        # groups per block: the search's temporaries stay a few MB
+    for i in range(0, g.shape[0], step):
+        q[i:i + step], d[i:i + step] = _int4_groups(g[i:i + step])
+    packed = q[:, :16] | (q[:, 16:] << 4)                                    # [groups, 16]
+    return (np.ascontiguousarray(packed.reshape(*lead, D // 2)),
+            np.ascontiguousarray(d.reshape(*lead, D // GROUP)))
+
+
+# the grids searched after plain Q4_0: levels rounded against m / c, c in [-9, -6] by 0.1
+_INT4_GRIDS = np.round(np.linspace(-9.0, -6.0, 31), 1)
+
+
+def _int4_groups(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """g [n, 32] float32 -> (nibbles [n, 32] uint8, d [n] float16): plain Q4_0 (d = m / -8), replaced
+    per group by a candidate with a smaller squared error sum (g - (nibble - 8) d)^2."""
+    idx = np.abs(g).argmax(axis=-1)[:, None]
+    m = np.take_along_axis(g, idx, axis=-1)[:, 0]                            # [n] signed extreme
+    m_safe = np.where(m != 0, m, 1.0).astype(np.float32)
+    best_d = (m / -8.0).astype(np.float16)
+    best_q, best_err = _int4_round(g, best_d)
+    for c in _INT4_GRIDS:
+        lv = np.clip(np.rint(g * (np.float32(c) / m_safe)[:, None]), -8, 7)  # levels on this grid
+        qq, wq = (lv * lv).sum(-1), (g * lv).sum(-1)
+        d = np.where(qq > 0, wq / np.where(qq > 0, qq, 1), 0).astype(np.float16)   # least squares
+        q, err = _int4_round(g, d)
+        better = (err < best_err) & (d != 0)
+        best_err = np.where(better, err, best_err)
+        best_d = np.where(better, d, best_d)
+        best_q = np.where(better[:, None], q, best_q)
+    return best_q, best_d
+
+
+def _int4_round(g: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nibbles of g [n, 32] against the stored float16 scales d [n] (d = 0: all 8) and the squared
+    error [n] of what they decode to."""
     df = d.astype(np.float32)
-    safe = np.where(df != 0, df, 1.0)[..., None]
-    q = np.clip(np.rint(g / safe) + 8, 0, 15).astype(np.uint8)              # [..., G, 32]
-    q = np.where(df[..., None] != 0, q, np.uint8(8))
-    packed = q[..., :16] | (q[..., 16:] << 4)                                # [..., G, 16]
-    return np.ascontiguousarray(packed.reshape(*a.shape[:-1], D // 2)), np.ascontiguousarray(d)
+    lv = np.where(df[:, None] != 0, np.clip(np.rint(g / np.where(df != 0, df, 1)[:, None]), -8, 7), 0)
+    return (lv + 8).astype(np.uint8), ((g - lv * df[:, None]) ** 2).sum(-1)
 
 
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
