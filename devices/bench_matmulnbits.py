@@ -20,6 +20,9 @@ float16 group scales as float32. Every output is compared with the dequantized w
 Rounds alternate between the engines; medians are reported, per thread count.
 
     python devices/bench_matmulnbits.py PKG [--threads 1,2] [--rounds 30]
+
+Builds the graphs with the onnx package (installed with the [export] extra; on a board,
+`pip install onnx`).
 """
 
 from __future__ import annotations
