@@ -24,6 +24,12 @@ int4   groups of 32 along the row, one float16 scale per group, llama.cpp's Q4_0
 
 The manifest names the scale tensor NAME.scale; the logical shape of an int4 tensor is the
 unpacked [..., D] (docs/FORMAT.md).
+
+Activations: rows stored in groups of 32 are multiplied with their input rounded to int8 per block
+of 32, as llama.cpp multiplies Q4_0 / Q8_0 weights (runtime/kernels.py says why):
+    dx = max|x in block| / 127 (float32);  qx = rint(x / dx) (int8; 0 where dx = 0);  x ~ qx * dx
+round_activations is that rounding in NumPy, for the BLAS paths and the tests; the kernels'
+quantize_activations performs the same float32 operations.
 """
 
 from __future__ import annotations
@@ -119,6 +125,16 @@ def _int4_round(g: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     df = d.astype(np.float32)
     lv = np.where(df[:, None] != 0, np.clip(np.rint(g / np.where(df != 0, df, 1)[:, None]), -8, 7), 0)
     return (lv + 8).astype(np.uint8), ((g - lv * df[:, None]) ** 2).sum(-1)
+
+
+def round_activations(x: np.ndarray) -> np.ndarray:
+    """x [..., D] float32 (D a multiple of 32) -> the float32 values qx * dx the grouped kernels
+    multiply with (see the module docstring)."""
+    x = np.asarray(x, np.float32)
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)              # [..., G, 32]
+    d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127.0)          # float32, as the kernel
+    q = np.where(d > 0, np.rint(g / np.where(d > 0, d, np.float32(1.0))), np.float32(0.0))
+    return (q * d).reshape(x.shape).astype(np.float32)
 
 
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:

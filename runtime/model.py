@@ -26,7 +26,7 @@ import numpy as np
 
 from edgesparse.errors import EdgesparseError
 
-from edgesparse.quant import dequantize
+from edgesparse.quant import dequantize, round_activations
 
 from . import kernels as K
 from .attention import AttentionStack
@@ -50,6 +50,12 @@ def _scales(pkg: Package, name: str | None, ndim: int) -> np.ndarray:
     if name is not None and name + ".scale" in pkg.manifest.tensors:
         return _as_kernel_array(pkg.tensor(name + ".scale"))
     return np.zeros((0,) * ndim, np.float32)
+
+
+def _grouped(ws: np.ndarray) -> bool:
+    """Weights in groups of 32 (int4, Q8_0-style int8): their scales are float16 bits. Their inputs
+    are rounded to int8 per block (kernels.py, "grouped rows meet int8 activations")."""
+    return ws.dtype == np.uint16
 
 
 def _widen(w: np.ndarray, ws: np.ndarray) -> np.ndarray:
@@ -193,6 +199,10 @@ class Model:
         self._g = np.zeros(self.max_batch * N, np.float32)
         self._u = np.zeros(self.max_batch * N, np.float32)
         self._kept_s = np.zeros(self.max_batch, np.int64)
+        # a step's inputs rounded to int8 for grouped weights: (xq, xd8, xs8), wide enough for any
+        # projection's input (D, H·hd, E)
+        W = max(D, cfg.n_heads * cfg.head_dim, E)
+        self._xb = (np.zeros((B, W), np.int8), np.zeros((B, W // 4), np.float32), np.zeros((B, W // 4), np.int32))
         self._fmask = np.zeros((self.max_batch, D), np.float32)
         # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
         self.counts = np.zeros((cfg.n_layers, 3), np.int64)
@@ -335,13 +345,15 @@ class Model:
     def _head_one(self, x: np.ndarray) -> None:
         """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba matvec)."""
         xf = self._final(x, self._xn)       # [1, E]
-        K.matvec(self.head, self.head_scale, np.ascontiguousarray(xf[0]), self.logits, self.threads)
+        K.matvec(self.head, self.head_scale, np.ascontiguousarray(xf[0]), self.logits, self.threads, self._xb)
         if self.head_bias.size:
             self.logits += self.head_bias
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
         xf = self._final(x, np.empty_like(x))
+        if _grouped(self.head_scale):
+            xf = round_activations(xf)
         logits = xf @ _widen(self.head, self.head_scale).T
         if self.head_bias.size:
             logits += self.head_bias
@@ -390,8 +402,10 @@ class Model:
                 Y: np.ndarray) -> None:
         """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd; int8 with row scales ws [O]), X [S, D], Y [S, O]."""
         if X.shape[0] <= self._small:
-            K.linear(w, ws, X, bias, self._nobase if base is None else base, Y, self.threads)
+            K.linear(w, ws, X, bias, self._nobase if base is None else base, Y, self.threads, self._xb)
             return
+        if _grouped(ws):
+            X = round_activations(X)
         w = _widen(w, ws)     # float16 / int8 storage: widen once for BLAS (long prefill only)
         np.matmul(X, w.T, out=Y)
         if bias.size:
@@ -497,12 +511,13 @@ class Model:
             N = lw.ffn.shape[0]
             if self.ffn_mode == "predict":
                 k, c = K.ffn_predict(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
-                                     t, self.act, x[0], self.h[l, :N], self._partial, self._kept, self._cand, self._order)
+                                     t, self.act, x[0], self.h[l, :N], self._partial, self._kept, self._cand, self._order,
+                                     self._xb)
                 rows += (R - 1) * c + k
                 self.counts[l, 2] += c
             else:
                 k = K.ffn_glu(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l, :N],
-                              self._partial, self._kept, mode)
+                              self._partial, self._kept, mode, self._xb)
                 # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
                 rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
             self._ffn_done(l, 1)
@@ -536,11 +551,12 @@ class Model:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
                 if predict:
                     k, c = K.ffn_predict_batch(w, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi, base, self.t_pred[l],
-                                               t, self.act, x, g, self._partial_s, self._kept, self._cand, self._order)
+                                               t, self.act, x, g, self._partial_s, self._kept, self._cand, self._order,
+                                               self._xb)
                     self.counts[l, 2] += c
                 else:
                     k = K.ffn_glu_batch(w, lw.ffn_scale, lw.ffn_bias_in, fi, base, t, self.act, x, g, self._partial_s,
-                                        self._kept, mode)
+                                        self._kept, mode, self._xb)
                 self._ffn_done(l, S)
                 self._count(l, k, S)
                 continue
@@ -548,9 +564,10 @@ class Model:
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
             # neuron-major file (lda = R·D) and applies the same threshold rule as decode.
-            np.matmul(fi, w[:, 0, :].T, out=g)
+            fr = round_activations(fi) if _grouped(lw.ffn_scale) else fi     # as the kernels' gate and up
+            np.matmul(fr, w[:, 0, :].T, out=g)
             if R == 3:
-                np.matmul(fi, w[:, 1, :].T, out=u)
+                np.matmul(fr, w[:, 1, :].T, out=u)
             else:
                 u = self._rows(self._ones, S, N)
             if lw.ffn_bias_in.size:

@@ -4,8 +4,11 @@ the kernels, accumulation in float32.
 
 The reference is transformers itself running the *quantized* model: the same HF model with each
 stored weight replaced by what its stored form stands for (edgesparse.quant's own encoders and
-decoder). The runtime must then agree to float32 summation-order noise, so any mistake in a scale
-(wrong row or group, missing, applied twice) or in the nibble order shows.
+decoder), and every projection whose rows are stored in groups of 32 fed its input rounded to int8
+per block, as the kernels feed it (quant.round_activations; a forward pre-hook on the module; the
+down projection takes float h). The runtime must then agree to float32 summation-order noise, so
+any mistake in a scale (wrong row or group, missing, applied twice), in the nibble order or in the
+activation rounding shows.
 Families: Llama (gated, untied head), OPT (plain MLP with biases, learned positions, LayerNorm)
 and Gemma-3 (sandwich norms, q/k norms, tied embeddings read with their scale by gather and head).
 """
@@ -17,6 +20,21 @@ import pytest
 
 # Same reasoning as test_archs.ATOL: float32 against float32 in another summation order.
 ATOL = 2e-5
+# ... except where an input lies within that noise of a rounding boundary of the int8 activations:
+# the two sides then round it one step apart (one qx_k differs by 1, x by 1/127 of its block's
+# largest value). Seen once here: Gemma-3 int8 and int4 decode, layer 2's q|k|v input at position
+# 16, 3e-5 of a step from the boundary; the logits of the 8 positions in that layer's sliding window
+# moved by 6e-3. FLIP_TOL bounds such a step's effect an order above that; no logit may go past it,
+# most logits must still agree to ATOL, and every argmax must agree.
+FLIP_TOL = 5e-2
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray) -> float:
+    """got, ref [S, V] logits: equal to float32 noise up to the rare activation-rounding step above."""
+    diff = np.abs(got - ref)
+    assert diff.max() < FLIP_TOL and np.median(diff) < ATOL, (diff.max(), np.median(diff))
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    return float(diff.max())
 
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
@@ -28,6 +46,15 @@ CASES = {
 # HF parameters stored quantized (the rest stays float32: norms, biases, positions)
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj",
              "fc1", "fc2", "embed_tokens", "lm_head")
+# ... and the modules whose input the kernels round to int8 when their rows are grouped (not the
+# down projection: the kernels add its columns scaled by float h)
+ROUNDED_INPUT = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "fc1", "lm_head")
+
+
+def _round_input(module, args):
+    import torch
+    from edgesparse.quant import round_activations
+    return (torch.from_numpy(round_activations(args[0].numpy())),) + tuple(args[1:])
 
 
 def _stands_for(w: np.ndarray, dtype: str) -> np.ndarray:
@@ -63,6 +90,9 @@ def case(request, tiny_model_factory, tmp_path_factory, randomize):
             else:
                 head_like = "embed_tokens" in name or "lm_head" in name
                 p.data = torch.from_numpy(_stands_for(w, head if head_like else dtype))
+    for name, mod in hf.named_modules():
+        if name.split(".")[-1] in ROUNDED_INPUT and mod.in_features % 32 == 0:     # stored in groups of 32
+            mod.register_forward_pre_hook(_round_input)
     pkg = export(str(d), tmp_path_factory.mktemp(family + dtype) / "m.esp", dtype=dtype, progress=False,
                  head_dtype=head_dtype)
     return f"{family} {dtype} (head {head})", hf, pkg
@@ -93,21 +123,22 @@ def test_quantized_package_layout(case):
     print(f"{name}: bytes by dtype {total}")
 
 
-def test_quantized_logits_match_the_quantized_model(case, prefill_diff):
+def test_quantized_logits_match_the_quantized_model(case):
     import torch
     from edgesparse.runtime.model import Model
     name, hf, pkg = case
     for S in (40, 90):     # the Numba kernels (quantized loads) and the BLAS path (widened per layer)
-        d = prefill_diff(hf, pkg, S)
+        ids = np.random.default_rng(0).integers(3, 211, S)
+        ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+        d = _assert_close(Model(pkg, ctx=128).forward(ids, all_logits=True), ref)
         print(f"{name}: prefill of {S} tokens, max |dlogit| {d:.2e}")
-        assert d < ATOL
     m = Model(pkg, ctx=128)
     ids = np.random.default_rng(1).integers(3, 211, 30)
     ref = hf(torch.tensor(ids[None])).logits[0].numpy()
-    out = [m.forward(ids[:4]).copy()] + [m.forward([i]).copy() for i in ids[4:]]
-    d = np.abs(np.array(out) - ref[3:]).max()
-    print(f"{name}: decode max |dlogit| {d:.2e}")
-    assert d < ATOL
+    out = np.array([m.forward(ids[:4]).copy()] + [m.forward([i]).copy() for i in ids[4:]])   # [27, V]
+    off = np.flatnonzero((np.abs(out - ref[3:]) > ATOL).any(axis=1)) + 3
+    d = _assert_close(out, ref[3:])
+    print(f"{name}: decode max |dlogit| {d:.2e}; positions beyond ATOL (a rounding step): {off.tolist()}")
 
 
 def test_quantized_thresholded_and_predict_modes_run(case, tmp_path):
@@ -140,13 +171,17 @@ def test_quantized_thresholded_and_predict_modes_run(case, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,O,D,S", [("int8", 37, 29, 1), ("int8", 130, 61, 5), ("int8g", 37, 96, 1),
-                                         ("int8g", 131, 160, 5), ("int4", 37, 96, 1), ("int4", 131, 160, 5)])
+                                         ("int8g", 131, 160, 5), ("int8g", 33, 128, 2), ("int4", 37, 96, 1),
+                                         ("int4", 131, 160, 5), ("int4", 33, 128, 2)])
 def test_quantized_kernels_vs_numpy(dtype, O, D, S):
     """linear, gather_rows and ffn_glu_batch on quantized rows against NumPy on the dequantized
-    rows, odd row counts (int8: a scale per row; int8g, int4: per group of 32, whole groups). Tolerance: D-term float32 dot
-    products, |error| <= D * eps32 * sum|w_k x_k|, times 4 for the scale multiplies (per row or
-    per group) and the chunked partial sums."""
-    from edgesparse.quant import dequantize, quantize_int4, quantize_int8_groups, quantize_rows
+    rows, odd row counts (int8: a scale per row; int8g, int4: per group of 32, whole groups, odd
+    and even group counts: the VNNI kernel takes groups in pairs). Grouped rows meet the input
+    rounded to int8 per block (quant.round_activations), so the reference rounds it too; the
+    FFN's down projection takes float h. Tolerance: D-term float32 dot products,
+    |error| <= D * eps32 * sum|w_k x_k|, times 4 for the scale multiplies (per row or per group)
+    and the chunked partial sums."""
+    from edgesparse.quant import dequantize, quantize_int4, quantize_int8_groups, quantize_rows, round_activations
     from edgesparse.runtime import kernels as K
     enc = {"int8": quantize_rows, "int8g": quantize_int8_groups, "int4": quantize_int4}[dtype]
     kern = lambda s: s.view(np.uint16) if s.dtype == np.float16 else s   # noqa: E731 (the runtime's view)
@@ -158,8 +193,9 @@ def test_quantized_kernels_vs_numpy(dtype, O, D, S):
     bias = rng.standard_normal(O).astype(np.float32)
     Y = np.full((S, O), np.nan, np.float32)
     K.linear(q, kern(s), X, bias, np.zeros((0, O), np.float32), Y, 2)
-    ref = X.astype(np.float64) @ wd.T + bias
-    tol = 4 * D * eps * (np.abs(X) @ np.abs(wd).T + np.abs(bias)) + 1e-30
+    Xr = round_activations(X) if dtype != "int8" else X                # what the kernels multiply with
+    ref = Xr.astype(np.float64) @ wd.T + bias
+    tol = 4 * D * eps * (np.abs(Xr) @ np.abs(wd).T + np.abs(bias)) + 1e-30
     print(f"linear {dtype} [{O},{D}] x {S}: max |diff| {np.abs(Y - ref).max():.2e}")
     assert np.all(np.abs(Y - ref) <= tol)
     ids = rng.integers(0, O, 7)
@@ -175,14 +211,51 @@ def test_quantized_kernels_vs_numpy(dtype, O, D, S):
     out = np.full((S, D), np.nan, np.float32)
     K.ffn_glu_batch(q3, kern(s3), np.zeros((0, 2), np.float32), X, base, np.float32(0.0), K.ACT_CODES["silu"], out,
                     h, np.full((2, S, D), np.nan, np.float32), np.zeros(2, np.int64))
-    g, u = X.astype(np.float64) @ w3[:, 0].T, X.astype(np.float64) @ w3[:, 1].T
+    g, u = Xr.astype(np.float64) @ w3[:, 0].T, Xr.astype(np.float64) @ w3[:, 1].T
     h_ref = g / (1 + np.exp(-g)) * u
     out_ref = base + h_ref @ w3[:, 2]
     print(f"ffn_glu_batch {dtype} N={N} D={D} S={S}: max |dh| {np.abs(h - h_ref).max():.2e}, "
           f"max |dout| {np.abs(out - out_ref).max():.2e}")
-    mag = (np.abs(X) @ np.abs(w3[:, 0]).T) * (np.abs(X) @ np.abs(w3[:, 1]).T)
+    mag = (np.abs(Xr) @ np.abs(w3[:, 0]).T) * (np.abs(Xr) @ np.abs(w3[:, 1]).T)
     assert np.all(np.abs(h - h_ref) <= 8 * D * eps * mag + 1e-30)
     assert np.all(np.abs(out - out_ref) <= 8 * (N + D) * eps * (np.abs(base) + np.abs(h_ref) @ np.abs(w3[:, 2])) + 1e-30)
+
+
+def test_activation_rounding_kernel_matches_numpy():
+    """The kernels' quantize_activations and quant.round_activations round the same way, bit for
+    bit (both use the same float32 operations: d = max / 127, q = rint(x / d)), including an
+    all-zero block and ties at .5 (rint: to even); xs8 holds each block's sum of q, 8 times."""
+    from edgesparse.quant import round_activations
+    from edgesparse.runtime import kernels as K
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((5, 96)).astype(np.float32) * np.float32(3)
+    X[1, 32:64] = 0.0                                                  # a block of zeros: d = 0
+    X[2, :32] = np.arange(32, dtype=np.float32) - 16.5                 # ties: -16.5 .. 14.5, d = 16.5/127
+    xq, xd8, xs8 = np.zeros((6, 128), np.int8), np.zeros((6, 32), np.float32), np.zeros((6, 32), np.int32)
+    K.quantize_activations(X, xq, xd8, xs8)
+    got = (xq[:5, :96].reshape(5, 3, 32) * xd8[:5, :24:8][..., None]).reshape(5, 96)
+    np.testing.assert_array_equal(got, round_activations(X))
+    np.testing.assert_array_equal(xs8[:5, :24], np.repeat(xq[:5, :96].reshape(5, 3, 32).sum(-1), 8, axis=1))
+    assert not xq[1, 32:64].any() and (xd8[1, 8:16] == 0).all()
+    assert np.abs(xq[:5, :96]).max() == 127
+
+
+@pytest.mark.skipif(not __import__("platform").machine().lower() in ("x86_64", "amd64"), reason="x86 only")
+def test_grouped_kernels_without_vnni(tmp_path):
+    """The kernel tests above again with NUMBA_CPU_NAME=haswell (AVX2 and F16C, no AVX-512): no VNNI,
+    so the grouped dots take the portable IR (the path ARM boards run) and must meet the same NumPy
+    references. (Not "generic": without F16C LLVM calls compiler-rt for half -> float, which
+    Numba's JIT does not link.) Own Numba cache directory, so no cached VNNI code is picked up."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    code = ("from edgesparse.runtime import kernels as K; assert not K._VNNI; import pytest, sys; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--import-mode=importlib', "
+            f"r'{__file__}', '-k', 'kernels_vs_numpy and (int4 or int8g)']))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    print(r.stdout[-400:])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_int4_encoding_round_trip():
