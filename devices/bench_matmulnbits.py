@@ -5,18 +5,21 @@ core) should run through ORT's MatMulNBits instead of the Numba kernels: keep wh
 measured. This measures it, one token (a [1, D] input), every layer's qkv and o of an int4 or int8
 package:
 
-    edgesparse   runtime.kernels.linear on the package's mmap'd rows (what decode runs): float32
-                 input, each group's float32 dot product scaled
+    edgesparse   runtime.kernels.linear on the package's mmap'd rows (what decode runs): the input
+                 rounded to int8 per block of 32, integer dot products (AVX-512 VNNI where the
+                 CPU has it), each group's sum scaled
     ORT fp32     one MatMulNBits node per projection (com.microsoft, block_size 32; bits 4 for an
                  int4 package, 8 for int8), weights as initializers, accuracy_level 0 (float32
                  compute), run with IOBinding into preallocated outputs
     ORT int8     the same with accuracy_level 4: MLAS quantizes the input to int8 per block and
-                 multiplies in integers (AVX-512 VNNI here), as llama.cpp does; the input's
-                 rounding shows in the error column
+                 multiplies in integers, as llama.cpp and edgesparse do
 
 The same values on both sides: Q4_0 nibbles re-packed into MatMulNBits' order (element 2j in the
 low nibble of byte j, zero point 8), Q8_0 bytes offset by 128 (zero point 128), the package's
-float16 group scales as float32. Every output is compared with the dequantized weights (error column).
+float16 group scales as float32. Error columns, relative to the output's largest value: each
+engine against the dequantized weights times the float32 input ("vs x"), which shows the input
+rounding of the int8-compute engines (~1%), and edgesparse also against its own arithmetic, the
+input rounded by quant.round_activations ("vs rounded x"), which must be float32 noise.
 Rounds alternate between the engines; medians are reported, per thread count.
 
     python devices/bench_matmulnbits.py PKG [--threads 1,2] [--rounds 30]
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
 
     import numba
     import onnxruntime as ort
-    from edgesparse.quant import dequantize
+    from edgesparse.quant import dequantize, round_activations
     from edgesparse.runtime import kernels as K
     from edgesparse.runtime.model import Model
     from edgesparse.runtime.attention import session_options
@@ -116,9 +119,13 @@ def main(argv=None) -> int:
         for f in run.values():
             f()
         # relative to the output's scale: max |y - x W^T| / max |x W^T| over the first qkv and o
-        ref = [xi @ dequantize(np.asarray(q), np.asarray(s)).T for (q, s), xi in zip(mats[:L + 1:L], xo[:L + 1:L])]
-        err = {e: max(float(np.abs(y - r).max() / np.abs(r).max()) for y, r in zip(outs[e][:L + 1:L], ref))
-               for e in engines}
+        first = list(zip(mats[:L + 1:L], xo[:L + 1:L]))
+        wd = [dequantize(np.asarray(q), np.asarray(s)) for (q, s), _ in first]
+        ref = [xi @ w.T for (_, xi), w in zip(first, wd)]
+        ref_r = [round_activations(xi) @ w.T for (_, xi), w in zip(first, wd)]
+        rel = lambda ys, rs: max(float(np.abs(y - r).max() / np.abs(r).max()) for y, r in zip(ys, rs))  # noqa: E731
+        err = {e: rel(outs[e][:L + 1:L], ref) for e in engines}
+        err["edgesparse vs rounded x"] = rel(outs["edgesparse"][:L + 1:L], ref_r)
         times = {e: [] for e in engines}
         for _ in range(a.rounds):
             for e in engines:
@@ -129,12 +136,12 @@ def main(argv=None) -> int:
     print(f"{a.package}: {dtype}, {L} layers of qkv {tuple(mats[0][0].shape[:1]) + (D,)} and o "
           f"{tuple(mats[L][0].shape[:1]) + (mats[L][1].shape[1] * 32,)}, one token; MatMulNBits bits={bits} block 32; "
           f"medians over {a.rounds} alternating rounds")
-    print("| threads | " + " | ".join(f"{e} ms" for e in engines) + " | " +
-          " | ".join(f"{e} max rel. error" for e in engines) + " |")
-    print("|---|" + "---|" * (2 * len(engines)))
+    cols = [f"{e} vs x" for e in engines] + ["edgesparse vs rounded x"]
+    print("| threads | " + " | ".join(f"{e} ms" for e in engines) + " | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * (len(engines) + len(cols)))
     for th, med, err in rows:
         print(f"| {th} | " + " | ".join(f"{med[e]:.2f}" for e in engines) + " | " +
-              " | ".join(f"{err[e]:.1e}" for e in engines) + " |")
+              " | ".join(f"{err[e]:.1e}" for e in engines) + f" | {err['edgesparse vs rounded x']:.1e} |")
     return 0
 
 

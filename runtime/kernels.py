@@ -465,8 +465,9 @@ def _dot_rows(wi, r, x):
 
 
 def _dot(wi, ws, i, r, X, xp, s):
-    """Row r of neuron i's block wi [R, ·] dotted with x [D], scaled: the float32 value of gate.x
-    (r = 0) or up.x (r = 1). ws: the FFN's scales ([N, R] int8, [N, R, G] int4, [0, R] float)."""
+    """Row r of neuron i's block wi [R, ·] dotted with token s's input X[s] [D] (grouped rows: its
+    int8 rounding xp), scaled: the float32 value of gate.x (r = 0) or up.x (r = 1). ws: the FFN's
+    scales ([N, R] int8 rows, [N, R, G] groups, [0, R] float)."""
 
 
 @overload(_dot)
@@ -482,7 +483,7 @@ def _dot_impl(wi, ws, i, r, X, xp, s):
 
 
 def _dot2(wi, ws, i, X, xp, s):
-    """(gate.x, up.x) of neuron i, scaled."""
+    """(gate.x, up.x) of neuron i for token s, scaled (arguments as _dot)."""
 
 
 @njit(inline="always", fastmath=True)
@@ -512,8 +513,9 @@ def _dot2_impl(wi, ws, i, X, xp, s):
 
 @njit(inline="always", fastmath=True)
 def _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode):
-    """(h, keep) for neuron i with rows wi [R, D], row scales ws [N, R] (int8; [0, R] for float)
-    and input biases b [N, R-1] (or [0, ·]):
+    """(h, keep) for neuron i with rows wi [R, D], scales ws ([N, R] int8 rows, [N, R, G] groups,
+    [0, R] float), input biases b [N, R-1] (or [0, ·]) and token s's input x = X[s] (xp: its int8
+    rounding for grouped rows, see _xbuf):
     h = act(gate.x) * (up.x) (R = 3) or act(fc1.x) (R = 2), and whether it survives the
     threshold. Decode and small-batch prefill both call this, so for the same input they compute
     the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)| is below t
@@ -691,7 +693,8 @@ def _rows4(w, ws, X, xp, bias, base, Y, b0, b1):
 
 
 def _row_dot(w, ws, j, X, xp, s):
-    """Row j of a projection w [O, ·] dotted with x [D], scaled (ws: [O] per row, [O, G] per group)."""
+    """Row j of a projection w [O, ·] dotted with token s's input X[s] [D] (grouped rows: its int8
+    rounding xp), scaled (ws: [O] per row, [O, G] per group)."""
 
 
 @overload(_row_dot)
