@@ -84,7 +84,8 @@ _KEEP_FLOAT32 = set(FLOAT32_ROLES) | {"final_norm.weight", "final_norm.bias", "l
 # reach every logit: int4 packages keep them int8 unless told otherwise, as llama.cpp's Q4_0 keeps
 # its output matrix at Q8_0. SmolLM2, WikiText-2 16 x 1024, measured with plain Q4_0 scales: int4
 # everywhere 32.47, int4 with an int8 embedding/lm_head 29.46 (float32 22.75; llama.cpp Q4_0
-# 28.68); with quant.py's scale search and the int8 head, 28.53.
+# 28.68); with quant.py's scale search and the int8 head, 28.53 (28.60 with the int8-rounded
+# activations the kernels now multiply with).
 _HEAD_DEFAULT = {"int4": "int8"}
 
 
