@@ -224,10 +224,16 @@ def _axpy_g(typingctx, acc, h, row, sc):
 # The dots take (X, xp, s): the step's arrays and the token's index; no per-neuron views or
 # tuples of the rows, whose reference counting would sit in the innermost loop.
 def _host_vnni() -> bool:
-    if numba.config.CPU_NAME is not None or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False      # a named CPU (portable cache) or not x86: the generic IR
+    """Whether Numba's code may use AVX-512 VNNI: an x86 host that has it, unless NUMBA_CPU_NAME
+    names another CPU (a portable cache) or NUMBA_CPU_FEATURES leaves it out."""
+    need = ("avx512f", "avx512bw", "avx512vnni")
+    if numba.config.CPU_NAME not in (None, "host") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if numba.config.CPU_FEATURES is not None:
+        on = {f.strip()[1:] for f in numba.config.CPU_FEATURES.split(",") if f.strip().startswith("+")}
+        return all(k in on for k in need)
     f = llvm_binding.get_host_cpu_features()
-    return all(f.get(k, False) for k in ("avx512f", "avx512bw", "avx512vnni"))
+    return all(f.get(k, False) for k in need)
 
 
 _VNNI = _host_vnni()
