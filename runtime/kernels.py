@@ -576,6 +576,16 @@ def _add_down_impl(acc, s, wi, ws, i, h):
     return f
 
 
+_BLOCK = 16
+
+
+@njit(inline="always")
+def _kept(h, thr, mode):
+    """Whether a neuron with output h survives, as _neuron_h decided it: gate mode (1) zeroes the
+    dropped neurons' h itself; otherwise |h| >= thr, and h == 0 never reads its down column."""
+    return h != 0.0 and (mode == 1 or abs(h) >= thr)
+
+
 @njit(inline="always")
 def _sum_partials(partial, base, out, s):
     """out[s] = base[s] + the per-thread partial sums partial[:, s] (C of them, in order)."""
@@ -632,14 +642,23 @@ def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0
         acc = partial[c]
         acc[:S] = 0.0
         n = 0
-        for i in range(lo, hi):
-            wi = w[i]  # [R, D]
-            for s in range(S):
-                h, keep = _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode)
-                h_out[s, i] = h
-                if keep:
-                    n += 1
-                    _add_down(acc, s, wi, ws, i, h)
+        # Blocks of _BLOCK neurons, two passes: first every h of the block, then the down columns of
+        # those kept. One neuron at a time, each down column waited for its own h (two dot products,
+        # a horizontal sum, the activation) before it could start; in blocks, the out-of-order core
+        # overlaps independent dot products and then streams the columns.
+        for i0 in range(lo, hi, _BLOCK):
+            i1 = min(i0 + _BLOCK, hi)
+            for i in range(i0, i1):
+                wi = w[i]  # [R, D]
+                for s in range(S):
+                    h_out[s, i] = _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode)[0]
+            for i in range(i0, i1):
+                wi = w[i]
+                for s in range(S):
+                    h = h_out[s, i]
+                    if _kept(h, thr, mode):
+                        n += 1
+                        _add_down(acc, s, wi, ws, i, h)
         kept[c] = n
     for s in prange(S):
         _sum_partials(partial, base, out, s)
@@ -974,18 +993,24 @@ def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, p
                 lst[m] = i
                 m += 1
         n = 0
-        for j in range(m):
-            i = lst[j]
-            wi = w[i]
-            for s in range(S):
-                if h_out[s, i] == 0.0:
-                    continue
-                nc += 1
-                h, keep = _neuron_h(wi, ws, b, i, X, xp, s, act, thr, 0)
-                h_out[s, i] = h
-                if keep:
-                    n += 1
-                    _add_down(acc, s, wi, ws, i, h)
+        for j0 in range(0, m, _BLOCK):        # blocks of candidates, two passes (see ffn_glu_batch)
+            j1 = min(j0 + _BLOCK, m)
+            for j in range(j0, j1):
+                i = lst[j]
+                wi = w[i]
+                for s in range(S):
+                    if h_out[s, i] == 0.0:
+                        continue
+                    nc += 1
+                    h_out[s, i] = _neuron_h(wi, ws, b, i, X, xp, s, act, thr, 0)[0]
+            for j in range(j0, j1):
+                i = lst[j]
+                wi = w[i]
+                for s in range(S):
+                    h = h_out[s, i]
+                    if _kept(h, thr, 0):
+                        n += 1
+                        _add_down(acc, s, wi, ws, i, h)
         kept[c] = n
         cand[c] = nc
     for s in prange(S):
