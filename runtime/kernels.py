@@ -580,10 +580,11 @@ _BLOCK = 16
 
 
 @njit(inline="always")
-def _kept(h, thr, mode):
-    """Whether a neuron with output h survives, as _neuron_h decided it: gate mode (1) zeroes the
-    dropped neurons' h itself; otherwise |h| >= thr, and h == 0 never reads its down column."""
-    return h != 0.0 and (mode == 1 or abs(h) >= thr)
+def _kept(h, thr, mode, gated):
+    """Whether a neuron with output h survives, as _neuron_h decided it: in gate mode a gated FFN's
+    dropped neurons already report h = 0; otherwise (paper rule, and plain MLPs, whose h is the
+    activation itself in every mode) |h| >= thr. h == 0 never reads its down column."""
+    return h != 0.0 and ((mode == 1 and gated) or abs(h) >= thr)
 
 
 @njit(inline="always")
@@ -656,7 +657,7 @@ def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0
                 wi = w[i]
                 for s in range(S):
                     h = h_out[s, i]
-                    if _kept(h, thr, mode):
+                    if _kept(h, thr, mode, w.shape[1] == 3):
                         n += 1
                         _add_down(acc, s, wi, ws, i, h)
         kept[c] = n
@@ -1008,7 +1009,7 @@ def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, p
                 wi = w[i]
                 for s in range(S):
                     h = h_out[s, i]
-                    if _kept(h, thr, 0):
+                    if _kept(h, thr, 0, w.shape[1] == 3):
                         n += 1
                         _add_down(acc, s, wi, ws, i, h)
         kept[c] = n

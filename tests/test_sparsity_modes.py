@@ -181,6 +181,25 @@ def test_ffn_glu_gate_mode(N, D, C, dtype, act):
     print(f"{n_band} neurons within rounding of t")
 
 
+@pytest.mark.parametrize("C", [1, 3])
+def test_plain_mlp_gate_mode_is_the_paper_rule(C):
+    """A plain MLP's h is its activation, so the gate rule and the paper rule are one rule there:
+    the kernels must keep exactly the same neurons in both modes (the blocked kernels decide the
+    down columns in a second pass and must not take gate mode's "h == 0 means dropped" shortcut
+    for them), and keep none at t = inf."""
+    rng = np.random.default_rng(8)
+    N, D, S = 37, 29, 3
+    w = (rng.standard_normal((N, 2, D)) * 0.3).astype(np.float32)
+    X = rng.standard_normal((S, D)).astype(np.float32)
+    base = rng.standard_normal((S, D)).astype(np.float32)
+    for t in (0.0, 0.3, 1.0, math.inf):
+        res = [ffn_glu_batch(w, X, base, t, "relu", C, mode) for mode in (0, 1)]
+        np.testing.assert_array_equal(res[0][0], res[1][0])
+        assert res[0][2] == res[1][2]
+        if t == math.inf:
+            assert res[1][2] == 0
+
+
 def test_gate_and_paper_modes_differ():
     """Guards the test above: at the same t the two rules keep different neurons, so a kernel that
     ignored `mode` would fail it."""
