@@ -151,13 +151,17 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
+def _c_array(a, dtypes, ndim: int = 1) -> bool:
+    """A C-contiguous Numba array type of one of dtypes: the IR intrinsics index raw data pointers."""
+    return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
+
+
 def _grouped_packing(row, sc, *floats):
     """For rows in groups of 32 with float16 scales: True for int4 (packed uint8), False for int8,
     None when the types do not fit. C-contiguous only: the IR indexes raw data pointers (every
     caller passes rows of C arrays)."""
-    arr = lambda a, dts: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype in dts  # noqa: E731
-    if not (arr(row, (types.uint8, types.int8)) and arr(sc, (types.uint16,))
-            and all(arr(f, (types.float32,)) for f in floats)):
+    if not (_c_array(row, (types.uint8, types.int8)) and _c_array(sc, (types.uint16,))
+            and all(_c_array(f, (types.float32,)) for f in floats)):
         return None
     return row.dtype == types.uint8
 
@@ -292,9 +296,8 @@ def _dot_gq(typingctx, row, sc, xq, xd8, xs8, s):
     scales sc [D/32]) and token s of an input prepared as above (xq [S, >=D] int8, xd8 and xs8
     [S, >=D/4])."""
     packed = _grouped_packing(row, sc)
-    ok = lambda a, dt: isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == dt  # noqa: E731
-    if packed is None or not (ok(xq, types.int8) and ok(xd8, types.float32) and ok(xs8, types.int32)
-                              and isinstance(s, types.Integer)):
+    if packed is None or not (_c_array(xq, (types.int8,), 2) and _c_array(xd8, (types.float32,), 2)
+                              and _c_array(xs8, (types.int32,), 2) and isinstance(s, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -385,8 +388,7 @@ _ELEM = {types.int8: _i8, types.uint16: _i16}    # int8 weights; float16 weights
 
 
 def _w_typed(row, *floats) -> bool:
-    arr = lambda a, dts: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype in dts  # noqa: E731
-    return arr(row, _ELEM) and all(arr(f, (types.float32,)) for f in floats)
+    return _c_array(row, tuple(_ELEM)) and all(_c_array(f, (types.float32,)) for f in floats)
 
 
 def _widen_ir(builder, q, signed_int: bool, vt):

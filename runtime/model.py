@@ -52,10 +52,12 @@ def _scales(pkg: Package, name: str | None, ndim: int) -> np.ndarray:
     return np.zeros((0,) * ndim, np.float32)
 
 
-def _grouped(ws: np.ndarray) -> bool:
-    """Weights in groups of 32 (int4, Q8_0-style int8): their scales are float16 bits. Their inputs
-    are rounded to int8 per block (kernels.py, "grouped rows meet int8 activations")."""
-    return ws.dtype == np.uint16
+def _blas_input(X: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    """X [S, D] as the kernels multiply it with rows whose scales are ws: rounded to int8 per block
+    for rows in groups of 32 (int4, Q8_0-style int8; float16 scale bits), as is otherwise
+    (kernels.py, "grouped rows meet int8 activations"). For the BLAS paths, so that long prefill
+    and eval compute what decode does."""
+    return round_activations(X) if ws.dtype == np.uint16 else X
 
 
 def _widen(w: np.ndarray, ws: np.ndarray) -> np.ndarray:
@@ -211,10 +213,10 @@ class Model:
         self._g = _zeros64((self.max_batch * N,))
         self._u = np.zeros(self.max_batch * N, np.float32)
         self._kept_s = np.zeros(self.max_batch, np.int64)
-        # a step's inputs rounded to int8 for grouped weights: (xq, xd8, xs8), wide enough for any
-        # projection's input (D, H·hd, E)
-        W = max(D, cfg.n_heads * cfg.head_dim, E)
-        self._xb = (np.zeros((B, W), np.int8), np.zeros((B, W // 4), np.float32), np.zeros((B, W // 4), np.int32))
+        # a kernel step's inputs rounded to int8 for grouped weights: (xq, xd8, xs8), rows for the
+        # <= small tokens that reach the kernels, wide enough for any projection's input (D, H·hd, E)
+        W, Bs = max(D, cfg.n_heads * cfg.head_dim, E), self._small
+        self._xb = (np.zeros((Bs, W), np.int8), np.zeros((Bs, W // 4), np.float32), np.zeros((Bs, W // 4), np.int32))
         self._fmask = np.zeros((self.max_batch, D), np.float32)
         # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
         self.counts = np.zeros((cfg.n_layers, 3), np.int64)
@@ -363,9 +365,7 @@ class Model:
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
-        xf = self._final(x, np.empty_like(x))
-        if _grouped(self.head_scale):
-            xf = round_activations(xf)
+        xf = _blas_input(self._final(x, np.empty_like(x)), self.head_scale)
         logits = xf @ _widen(self.head, self.head_scale).T
         if self.head_bias.size:
             logits += self.head_bias
@@ -416,10 +416,8 @@ class Model:
         if X.shape[0] <= self._small:
             K.linear(w, ws, X, bias, self._nobase if base is None else base, Y, self.threads, self._xb)
             return
-        if _grouped(ws):
-            X = round_activations(X)
         w = _widen(w, ws)     # float16 / int8 storage: widen once for BLAS (long prefill only)
-        np.matmul(X, w.T, out=Y)
+        np.matmul(_blas_input(X, ws), w.T, out=Y)
         if bias.size:
             Y += bias
         if base is not None:
@@ -576,7 +574,7 @@ class Model:
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
             # neuron-major file (lda = R·D) and applies the same threshold rule as decode.
-            fr = round_activations(fi) if _grouped(lw.ffn_scale) else fi     # as the kernels' gate and up
+            fr = _blas_input(fi, lw.ffn_scale)      # as the kernels' gate and up take it
             np.matmul(fr, w[:, 0, :].T, out=g)
             if R == 3:
                 np.matmul(fr, w[:, 1, :].T, out=u)
