@@ -1,6 +1,7 @@
 """Command line: a thin layer over the library. `main(argv) -> int`; `python -m edgesparse` works.
 
-    edgesparse export [MODEL] -o DIR [--dtype float32|float16|int8|int4] [--head-dtype D] [--force]  (workstation)
+    edgesparse export [MODEL] -o DIR [--dtype float32|float16|int8|int4] [--head-dtype D] [--calibrate TEXT]
+                      [--force]                                               (workstation)
     edgesparse run PKG -p PROMPT [-n N] [--ffn dense|threshold|predict] ...   (device)
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
@@ -32,7 +33,8 @@ def _export(a: argparse.Namespace) -> int:
         from edgesparse.export import export
     except ImportError as e:
         raise EdgesparseError(f"export needs the workstation extra: pip install 'edgesparse[export]' ({e})") from None
-    out = export(a.model, Path(a.output), dtype=a.dtype, force=a.force, progress=not a.quiet, head_dtype=a.head_dtype)
+    out = export(a.model, Path(a.output), dtype=a.dtype, force=a.force, progress=not a.quiet, head_dtype=a.head_dtype,
+                 calibrate=a.calibrate)
     print(f"wrote {out}", file=sys.stderr)
     if a.calibrate:
         a.package, a.text, a.tokens, a.method, a.target, a.dump, a.threads, a.predictor = (
@@ -386,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the embedding and lm_head (default: --dtype; int8 when --dtype is int4)")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    e.add_argument("--calibrate", metavar="TEXT", help="calibrate thresholds on TEXT after export")
+    e.add_argument("--calibrate", metavar="TEXT",
+                   help="calibrate thresholds on TEXT after export; int4 also weighs its rounding by TEXT's activations")
     e.set_defaults(fn=_export)
 
     c = _text_command(sub, "calibrate", "calibrate per-layer sparsity thresholds on text", "validation", _calibrate)

@@ -196,6 +196,13 @@ class Arch:
         t.update(self.extract_ffn(mod))
         return t
 
+    def input_modules(self, mod) -> dict[str, object]:
+        """role -> the nn.Linear whose input multiplies that role's rows (imatrix.py): q (or the fused
+        qkv) for qkv, o, and gate (or gate_up / fc1) for the FFN's input rows."""
+        g = lambda p: _get(mod, p)  # noqa: E731
+        ffn_in = g(self.fc1) if not self.gated else g(self.gate_up) if self.gate_up is not None else g(self.gate)
+        return {"qkv": g(self.qkv) if self.qkv is not None else g(self.q), "o": g(self.o), "ffn": ffn_in}
+
     def extract_ffn(self, mod) -> dict[str, np.ndarray]:
         """Neuron-major FFN [N, R, D]: (gate row, up row, down column) per neuron, or (fc1 row, fc2
         column) for plain MLPs; biases as ffn_bias_in [N, R-1] and ffn_bias_out [D]."""

@@ -11,7 +11,7 @@ from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
-from edgesparse.quant import GROUP, quantize
+from edgesparse.quant import GROUP, quantize, quantize_int4
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
@@ -63,15 +63,16 @@ def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
         head_bias="lm_head.bias" in g)
 
 
-def _stored(name: str, a: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray, str]]:
+def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None) -> list[tuple[str, np.ndarray, str]]:
     """One tensor as written: float32/float16 as is, int8 / int4 as (values, name.scale); the
-    encodings are edgesparse/quant.py's."""
+    encodings are edgesparse/quant.py's. importance: imatrix.py's, used by int4 when it has name."""
     if dtype not in ("int8", "int4"):
         return [(name, a, dtype)]
     if dtype == "int4" and a.shape[-1] % GROUP:
         raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
                               f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
-    q, s = quantize(a, dtype)
+    imp = (importance or {}).get(name)
+    q, s = quantize_int4(a, imp) if dtype == "int4" and imp is not None else quantize(a, dtype)
     return [(name, q, dtype), (name + ".scale", s, "float32" if s.dtype == np.float32 else "float16")]
 
 
@@ -90,9 +91,10 @@ _HEAD_DEFAULT = {"int4": "int8"}
 
 
 def export(model: str | None, out: Path, dtype: str = "float32", force: bool = False,
-           progress: bool = True, head_dtype: str | None = None) -> Path:
+           progress: bool = True, head_dtype: str | None = None, calibrate: str | None = None) -> Path:
     """Export MODEL into the package directory `out`. dtype: storage of every weight matrix;
-    head_dtype: of the embedding and lm_head (default: dtype, int8 for int4)."""
+    head_dtype: of the embedding and lm_head (default: dtype, int8 for int4); calibrate: text
+    (file, 'wikitext2', hub dataset id) whose activations weigh int4 rounding errors (imatrix.py)."""
     from tqdm.auto import tqdm
     if dtype not in STORAGE_DTYPES:
         raise EdgesparseError(f"--dtype: expected one of {STORAGE_DTYPES}, got {dtype!r}")
@@ -112,6 +114,11 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
     mc = model_config(arch, cfg, tok, hf, g)
     st = lambda role: ("float32" if role in _KEEP_FLOAT32 else  # noqa: E731
                        head_dtype if role in ("embed", "lm_head") else dtype)
+    importance, imp_desc = None, None
+    if calibrate and "int4" in (dtype, head_dtype):
+        from .imatrix import input_importance
+        importance, imp_desc = input_importance(hf, arch, tok, calibrate, progress)
+    stored = lambda name, a, role: _stored(name, a, st(role), importance)  # noqa: E731
 
     with PackageWriter(out, force) as w:
         layers = []
@@ -125,8 +132,8 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
             p = f"layers.{l}."
             t = arch.extract_layer(mod)
             ffn_roles = ("ffn", "ffn_bias_in", "ffn_bias_out")
-            w.raw(f"attn/{l:03d}.bin", [x for r, a in t.items() if r not in ffn_roles for x in _stored(p + r, a, st(r))])
-            w.raw(f"ffn/{l:03d}.bin", [x for r in ffn_roles if r in t for x in _stored(p + r, t[r], st(r))])
+            w.raw(f"attn/{l:03d}.bin", [x for r, a in t.items() if r not in ffn_roles for x in stored(p + r, a, r)])
+            w.raw(f"ffn/{l:03d}.bin", [x for r in ffn_roles if r in t for x in stored(p + r, t[r], r)])
             names = {r: p + r for r in t}
             if mc.rotary_dim:
                 table, rcfg = arch.rope_config(cfg, l)
@@ -141,10 +148,10 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
                 if mc.rope_long_after:
                     names.update(rope_cos_long=table + ".long.cos", rope_sin_long=table + ".long.sin")
             layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", threshold=0.0, **names))
-        w.raw("embed.bin", [x for n in ("embed", "pos_embed", "embed_proj_in") if n in g for x in _stored(n, g[n], st(n))])
+        w.raw("embed.bin", [x for n in ("embed", "pos_embed", "embed_proj_in") if n in g for x in stored(n, g[n], n)])
         head = [n for n in ("lm_head", "lm_head.bias", "head_proj_out") if n in g]
         if head:
-            w.raw("head.bin", [x for n in head for x in _stored(n, g[n], st(n))])
+            w.raw("head.bin", [x for n in head for x in stored(n, g[n], n)])
         norm = [n for n in ("final_norm.weight", "final_norm.bias") if n in g]
         if norm:
             w.raw("norm.bin", [(n, g[n], "float32") for n in norm])
@@ -153,7 +160,8 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
         w.blob("tokenizer.json", tok.backend_tokenizer.to_str().encode("utf-8"), "tokenizer")
         manifest = Manifest(
             config=mc, source=src.describe(),
-            exporter={"name": "edgesparse", "version": __version__, "dtype": dtype, "head_dtype": head_dtype},
+            exporter={"name": "edgesparse", "version": __version__, "dtype": dtype, "head_dtype": head_dtype,
+                      **({"int4_importance": imp_desc} if imp_desc else {})},
             files=w.files, tensors=w.tensors, layers=tuple(layers),
             sparsity={"method": "none"}, chat_template=getattr(tok, "chat_template", None))
         return w.finish(manifest)
