@@ -9,7 +9,8 @@
     edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5]
     edgesparse prune PKG -o OUT --text FILE|wikitext2 [--max-rate 0.01] [--level 0.5] [--tokens N]
     edgesparse bench PKG [--sparsity 0,0.5] [--ffn threshold,predict] [--threads 1,2] [--rounds 3]
-                     [--against ort,llama.cpp] [--ram-budget MB] [--positions 32,2000] [--project BOARD]
+                     [--against ort,llama.cpp] [--load mmap,ram] [--ram-budget MB] [--positions 32,2000]
+                     [--project BOARD]
     edgesparse verify PKG                                                     (device)
 
 Bad input raises EdgesparseError, printed as one line with a non-zero exit; --debug shows the
@@ -263,7 +264,7 @@ def _run(a: argparse.Namespace) -> int:
     if a.tokens < 1:
         raise EdgesparseError(f"-n/--tokens: expected a positive integer, got {a.tokens}")
     sampler = Sampler(a.temperature, a.top_p, a.seed)
-    model = Model(a.package, ctx=a.ctx, threads=a.threads, verify=a.verify)
+    model = Model(a.package, ctx=a.ctx, threads=a.threads, verify=a.verify, load=a.load)
     model.configure(a.ffn, None if a.sparsity is None else _levels(str(a.sparsity), "--sparsity")[0])
     codec = TextCodec(model.pkg)
     if a.prompt == "":
@@ -316,14 +317,20 @@ def _bench(a: argparse.Namespace) -> int:
     engines = against.parse(a.against)
     if a.gguf and "llama.cpp" not in engines:
         raise EdgesparseError("--gguf: only used with --against llama.cpp")
+    loads = [x.strip() for x in a.load.split(",") if x.strip()]
+    if not loads or any(x not in ("mmap", "ram") for x in loads):
+        raise EdgesparseError(f"--load: expected comma-separated mmap, ram; got {a.load!r}")
     if a.ram_budget is not None:
+        if loads != ["mmap"]:
+            raise EdgesparseError("--ram-budget releases pages of mapped files: it needs --load mmap")
         if not a.ram_budget > 0:
             raise EdgesparseError(f"--ram-budget: expected a positive number of MB, got {a.ram_budget}")
         from edgesparse.runtime.residency import check_budget
         check_budget(pkg.manifest, int(a.ram_budget * 2**20), "predict" in ffns and any(sparsities))
     out = Path(a.output)
     if a.positions:
-        for flag, given in (("--against", engines), ("--ram-budget", a.ram_budget), ("--project", a.project)):
+        for flag, given in (("--against", engines), ("--ram-budget", a.ram_budget), ("--project", a.project),
+                            ("--load", loads != ["mmap"])):
             if given:
                 raise EdgesparseError(f"--positions measures latency against position only; drop {flag}")
         from edgesparse.runtime import positions
@@ -338,7 +345,7 @@ def _bench(a: argparse.Namespace) -> int:
     paths = against.prepare_all(engines, pkg, cache, a.gguf, log)
     res = bench.run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, out,
                           progress=not a.quiet, ffns=ffns, against=paths, budget_mb=a.ram_budget,
-                          project=a.project)
+                          project=a.project, loads=tuple(loads))
     print(bench.report(res))
     print(f"wrote {out / 'bench.json'}", file=sys.stderr)
     return 0
@@ -438,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats", action="store_true", help="print timing, RSS and FFN rows read to stderr")
     r.add_argument("--stats-json", metavar="FILE", help="write the same statistics as JSON")
     r.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
+    r.add_argument("--load", default="mmap", choices=["mmap", "ram"],
+                   help="mmap the weight files (default), or read them into huge-page memory (faster here)")
     r.add_argument("--sparsity", type=float, default=None,
                    help="use the calibrated thresholds for this target (default: the package's active ones)")
     r.add_argument("--ffn", default="threshold", choices=["dense", "threshold", "predict"],
@@ -458,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
     b.add_argument("--against-cache", metavar="DIR",
                    help="where --against keeps its exports (default: edgesparse-against/ beside -o)")
+    b.add_argument("--load", default="mmap", metavar="mmap,ram",
+                   help="comma-separated: how the weights are loaded (see run --load; default mmap)")
     b.add_argument("--ram-budget", type=float, metavar="MB",
                    help="also run every configuration with the resident weights kept under MB (cold FFN rows released)")
     b.add_argument("--positions", metavar="P,P,...",

@@ -83,7 +83,7 @@ def _warm_page_cache(m) -> None:
 
 
 def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, ffn: str = "threshold",
-            budget_mb: float | None = None) -> dict:
+            budget_mb: float | None = None, load: str = "mmap") -> dict:
     """One configuration, in this process: load, warm up, prefill a fixed prompt, decode n_gen
     greedy tokens (EOS ignored, so every configuration decodes the same count). With a budget, the
     residency manager runs after every decode step, inside the timed interval: its cost is part of
@@ -91,7 +91,7 @@ def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, 
     from .model import Model
     from .residency import Residency, package_resident_bytes
     t0 = time.perf_counter()
-    m = Model(pkg, threads=threads, ctx=n_prompt + n_gen + 8)
+    m = Model(pkg, threads=threads, ctx=n_prompt + n_gen + 8, load=load)
     load_s = time.perf_counter() - t0
     after_load = rss_split_mb()
     m.configure(ffn, sparsity)
@@ -123,7 +123,7 @@ def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, 
     decode_peak = end["peak_rss_mb"]
     end["peak_rss_mb"] = max(filter(None, (end_prefill["peak_rss_mb"], decode_peak)), default=None)
     out = {"engine": "edgesparse", "threads": threads, "sparsity": sparsity, "ffn": ffn, "budget_mb": budget_mb,
-           "load_s": load_s, **latency_stats(prefill, lat), "bytes_per_token": bytes_per_token(m),
+           "load": load, "load_s": load_s, **latency_stats(prefill, lat), "bytes_per_token": bytes_per_token(m),
            "major_faults_per_token": faults / len(lat), "after_load": after_load, "end": end,
            "decode_peak_rss_mb": decode_peak}
     if res:
@@ -158,7 +158,8 @@ def _label(c: dict) -> str:
     if c["engine"] != "edgesparse":
         return f"{c['engine']} threads {c['threads']}"
     b = f" budget {c['budget_mb']:g} MB" if c.get("budget_mb") else ""
-    return f"{c['ffn']} {c['sparsity']} threads {c['threads']}{b}"
+    ld = " load ram" if c.get("load", "mmap") != "mmap" else ""
+    return f"{c['ffn']} {c['sparsity']} threads {c['threads']}{b}{ld}"
 
 
 def _run_workers(specs: list[dict], rounds: int, progress: bool, desc: str) -> list[list[dict]]:
@@ -188,17 +189,17 @@ def worker(spec: dict) -> dict:
                                  spec["steps"], spec.get("round", 0))
     if spec["engine"] == "edgesparse":
         return measure(spec["package"], spec["threads"], spec["sparsity"], spec["prompt_tokens"], spec["gen_tokens"],
-                       spec["ffn"], spec.get("budget_mb"))
+                       spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"))
     from . import against
     r = against.measure(spec["engine"], spec["path"], spec["threads"], spec["prompt_tokens"], spec["gen_tokens"])
     return {"engine": spec["engine"], "threads": spec["threads"], "sparsity": None, "ffn": None, "budget_mb": None,
             **r}
 
 
-def _configs(threads, sparsities, ffns, budget_mb) -> list[tuple[float, str, float | None]]:
+def _configs(threads, sparsities, ffns, budget_mb, loads=("mmap",)) -> list[tuple[float, str, float | None, str]]:
     # level 0 is the dense model under every mode: measured once, as "dense"
     base = [(s, "dense" if s == 0 else f) for s in sparsities for f in (ffns if s else ffns[:1])]
-    return [(s, f, b) for s, f in base for b in ([None, budget_mb] if budget_mb else [None])]
+    return [(s, f, b, ld) for ld in loads for s, f in base for b in ([None, budget_mb] if budget_mb else [None])]
 
 
 def package_info(pkg: str) -> dict:
@@ -224,7 +225,7 @@ def machine() -> dict:
 def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: int, n_gen: int, rounds: int,
               out: Path, progress: bool = True, ffns: tuple[str, ...] = ("threshold",),
               against: dict[str, str] | None = None, budget_mb: float | None = None,
-              project: str | None = None) -> dict:
+              project: str | None = None, loads: tuple[str, ...] = ("mmap",)) -> dict:
     """against: engine -> the path its worker loads (against.prepare). project: a board name or
     profile path for the roofline projection."""
     profile = None
@@ -232,8 +233,8 @@ def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: i
         from . import boards
         profile = boards.load_profile(project)           # fail before the runs, not after
     common = {"package": str(pkg), "prompt_tokens": n_prompt, "gen_tokens": n_gen}
-    specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b}
-             for s, f, b in _configs(threads, sparsities, list(ffns), budget_mb) for t in threads]
+    specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b, "load": ld}
+             for s, f, b, ld in _configs(threads, sparsities, list(ffns), budget_mb, loads) for t in threads]
     specs += [common | {"engine": e, "threads": t, "path": p} for e, p in (against or {}).items() for t in threads]
     runs = _run_workers(specs, rounds, progress, "bench")
     summary = [_summarize(spec, rs) for spec, rs in zip(specs, runs)]
@@ -251,7 +252,7 @@ def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: i
 
 def _summarize(spec: dict, rs: list[dict]) -> dict:
     med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
-    row = {k: spec.get(k) for k in ("engine", "threads", "sparsity", "ffn", "budget_mb")}
+    row = {k: spec.get(k) for k in ("engine", "threads", "sparsity", "ffn", "budget_mb", "load")}
     row.update({k: med(lambda r: r[k]) for k in ("tok_s", "prefill_ms", "p50_ms", "p90_ms", "p99_ms")})
     row.update(rss_after_load_mb=med(lambda r: r["after_load"]["rss_mb"]),
                peak_rss_mb=med(lambda r: r["end"]["peak_rss_mb"]),
@@ -280,19 +281,23 @@ def report(res: dict) -> str:
 
 def table(res: dict) -> str:
     rows = res["summary"]
-    base = {r["threads"]: r["tok_s"] for r in rows
+    # "vs dense": against the dense run at the same thread count and load (other engines: mmap's)
+    base = {(r["threads"], r.get("load") or "mmap"): r["tok_s"] for r in rows
             if r.get("engine", "edgesparse") == "edgesparse" and r["sparsity"] == 0 and not r.get("budget_mb")}
     budget = any(r.get("budget_mb") for r in rows)
-    head = ["engine", "ffn", "sparsity", "threads", "tok/s", "vs dense", "p50 ms", "p90 ms", "p99 ms", "prefill ms",
+    loads = any((r.get("load") or "mmap") != "mmap" for r in rows)
+    head = ["engine", "ffn", "sparsity", "threads"] + (["load"] if loads else []) + [
+            "tok/s", "vs dense", "p50 ms", "p90 ms", "p99 ms", "prefill ms",
             "RSS load MB", "peak RSS MB", "file / anon MB", "MB read/token"]
     if budget:
         head += ["budget MB", "weights resident MB", "decode peak RSS MB", "major faults/token"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        b = base.get(r["threads"])
+        b = base.get((r["threads"], r.get("load") or "mmap"))
         es = r.get("engine", "edgesparse") == "edgesparse"
         cells = [r.get("engine", "edgesparse"), r["ffn"] if es else "-", f"{r['sparsity']:.1f}" if es else "-",
-                 str(r["threads"]), f"{r['tok_s']:.2f}", f"{(r['tok_s'] / b) if b else float('nan'):.2f}x",
+                 str(r["threads"])] + ([r.get("load") or "mmap" if es else "-"] if loads else []) + [
+                 f"{r['tok_s']:.2f}", f"{(r['tok_s'] / b) if b else float('nan'):.2f}x",
                  f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['prefill_ms']:.0f}",
                  f"{r['rss_after_load_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
                  f"{r['rss_file_mb']:.0f} / {r['rss_anon_mb']:.0f}", f"{r['mb_read_per_token']:.0f}"]
@@ -314,13 +319,17 @@ def _plot(res: dict, path: Path) -> None:
     ours = [r for r in rows if r.get("engine", "edgesparse") == "edgesparse"]
     modes = [f for f in dict.fromkeys(r["ffn"] for r in ours) if f != "dense"]
     budgets = list(dict.fromkeys(r.get("budget_mb") for r in ours))
+    loads = list(dict.fromkeys(r.get("load") or "mmap" for r in ours))
     # with a budget, a third panel: the weights resident while decoding, against the budget
     fig, axes = plt.subplots(1, 3 if any(budgets) else 2, figsize=(15 if any(budgets) else 10, 3.8))
     for t in sorted({r["threads"] for r in ours}):
         for f in modes or ["dense"]:
-            for b in budgets:
-                rs = [r for r in ours if r["threads"] == t and r["ffn"] in (f, "dense") and r.get("budget_mb") == b]
-                lab = f"{f}, {t} threads" + (f", budget {b:g} MB" if b else "")
+            for b, ld in ((b, ld) for b in budgets for ld in loads):
+                rs = [r for r in ours if r["threads"] == t and r["ffn"] in (f, "dense") and r.get("budget_mb") == b
+                      and (r.get("load") or "mmap") == ld]
+                if not rs:
+                    continue
+                lab = f"{f}, {t} threads" + (f", budget {b:g} MB" if b else "") + (f", load {ld}" if len(loads) > 1 else "")
                 axes[0].plot([r["sparsity"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=lab)
                 axes[1].plot([r["sparsity"] for r in rs], [r["peak_rss_mb"] for r in rs], marker="o", label=lab)
                 if len(axes) > 2:
@@ -354,7 +363,7 @@ def run_positions(pkg: str, threads: list[int], sparsities: list[float], ffns: l
     from . import positions as P
     specs = [{"kind": "positions", "package": str(pkg), "threads": t, "sparsity": s, "ffn": f,
               "positions": positions, "steps": steps}
-             for s, f, _ in _configs(threads, sparsities, ffns, None) for t in threads]
+             for s, f, _, _ in _configs(threads, sparsities, ffns, None) for t in threads]
     runs = _run_workers(specs, rounds, progress, "positions")
     configs = [{k: s[k] for k in ("threads", "sparsity", "ffn")} | P.summarize(rs) | {"runs": rs}
                for s, rs in zip(specs, runs)]

@@ -142,8 +142,8 @@ class Model:
     """A loaded package ready to run. One sequence at a time (batch 1), as on a device."""
 
     def __init__(self, pkg: str | os.PathLike | Package, ctx: int | None = None, threads: int | None = None,
-                 max_batch: int | None = None, verify: bool = False, prefetch: bool = False):
-        self.pkg = pkg if isinstance(pkg, Package) else Package(pkg, verify=verify)
+                 max_batch: int | None = None, verify: bool = False, prefetch: bool = False, load: str = "mmap"):
+        self.pkg = pkg if isinstance(pkg, Package) else Package(pkg, verify=verify, load=load)
         cfg = self.cfg = self.pkg.config
         self.threads = check_threads(threads)
         numba.set_num_threads(self.threads)

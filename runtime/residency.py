@@ -140,6 +140,8 @@ class Residency:
 
     def __init__(self, model, budget_bytes: int):
         pkg, L = model.pkg, model.cfg.n_layers
+        if pkg.load != "mmap":      # MADV_DONTNEED on anonymous memory would discard the weights
+            raise EdgesparseError("a RAM budget releases pages of mapped files: it needs --load mmap")
         self.model, self.budget = model, int(budget_bytes)
         check_budget(pkg.manifest, self.budget, model.ffn_mode == "predict")
         self.regions = [_FfnRegion(pkg, e.ffn, model.ffn[l].strides[0], model.ffn[l].shape[0])

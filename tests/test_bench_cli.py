@@ -106,6 +106,9 @@ def test_positions(tiny_llama_pkg, tmp_path, capsys):
     (["--sparsity", "0.5"], ["not calibrated"]),
     (["--ffn", "predict", "--sparsity", "0,0.5"], ["needs a predictor"]),
     (["--gen-tokens", "1"], ["--gen-tokens"]),
+    (["--load", "disk"], ["--load", "mmap, ram"]),
+    (["--load", "ram", "--ram-budget", "10"], ["--ram-budget", "--load mmap"]),
+    (["--positions", "8", "--load", "ram"], ["--positions", "--load"]),
 ])
 def test_bench_argument_errors(tiny_llama_pkg, tmp_path, capsys, argv, words):
     out = tmp_path / "b"
@@ -114,3 +117,19 @@ def test_bench_argument_errors(tiny_llama_pkg, tmp_path, capsys, argv, words):
     for w in words:
         assert w in err, err
     assert not out.exists()
+
+
+def test_bench_load_mmap_and_ram_side_by_side(tiny_llama_pkg, tmp_path, capsys):
+    """--load mmap,ram runs every configuration both ways in one run: a load column, the same bytes
+    read per token, and "vs dense" taken against the dense run of the same load."""
+    out = tmp_path / "b"
+    rc, stdout, err = run(capsys, "bench", tiny_llama_pkg, *SMALL, "--load", "mmap,ram", "-o", out)
+    assert rc == 0, err
+    rows = json.loads((out / "bench.json").read_text())["summary"]
+    assert [r["load"] for r in rows] == ["mmap", "ram"]
+    assert rows[0]["mb_read_per_token"] == pytest.approx(rows[1]["mb_read_per_token"])
+    # weights read into anonymous memory are not file-backed: the file share of RSS drops
+    assert rows[1]["rss_file_mb"] < rows[0]["rss_file_mb"]
+    md = (out / "bench.md").read_text()
+    assert "| threads | load | tok/s | vs dense |" in md
+    assert "| 1 | ram |" in md and "| 1 | mmap |" in md and md.count("| 1.00x |") == 2

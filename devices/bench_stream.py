@@ -1,0 +1,114 @@
+"""The memory roofline of this machine for one package: how fast its cores read the bytes a dense
+decode step reads, measured rather than taken from a datasheet.
+
+A dense decode step reads every weight once: each layer's q|k|v and o projections and FFN rows
+(with their scales), and the whole lm_head. This streams exactly those arrays (the mmap'd views
+the runtime itself uses, bench.bytes_per_token's dense bytes) through the cheapest reader there
+is: a wrapping int64 sum (one vector add per 64 bytes, 1 cycle of latency: the loads, not the
+adds, set the pace; a float32 sum measured 15-25 % slower here), one parallel call per array with a
+contiguous chunk per thread, as the kernels split their rows. No engine that reads the same bytes in the same calls can
+beat that time, so bytes / time is a ceiling on tokens/s for this width at this thread count:
+for edgesparse dense, ONNX Runtime on the same float32 weights and llama.cpp at the same width.
+
+    python devices/bench_stream.py PKG [--threads 1,2] [--rounds 15]
+
+Prints per thread count the median time to stream a token's bytes, GB/s and the ceiling tok/s,
+and writes stream.json beside the working directory (or -o FILE). Numbers on a shared machine
+move between runs; compare them with engine figures measured in the same session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def stream_sum(a, chunks):
+    """Wrapping sum of a [n] int64 in `chunks` contiguous parts (one per thread); the value only
+    keeps the loads alive."""
+    n = a.shape[0]
+    part = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        s = np.int64(0)
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            s += a[i]
+        part[c] = s
+    return part.sum()
+
+
+def token_arrays(model) -> list[np.ndarray]:
+    """The arrays a dense decode step reads in full, as flat int64 views (the trailing 1-7 bytes of
+    an array whose size is not a multiple of 8 are left out)."""
+    arrays = []
+    for lw in model.layers:
+        arrays += [lw.qkv, lw.qkv_scale, lw.o, lw.o_scale, lw.ffn, lw.ffn_scale]
+    arrays += [model.head, model.head_scale]
+    out = []
+    for a in arrays:
+        b = np.asarray(a).reshape(-1).view(np.uint8)
+        n = b.size // 8 * 8
+        if n:
+            out.append(b[:n].view(np.int64))
+    return out
+
+
+def measure(model, threads: int, rounds: int) -> dict:
+    numba.set_num_threads(threads)
+    arrays = token_arrays(model)
+    total = sum(a.nbytes for a in arrays)
+    for a in arrays:                     # compile, and fault every page in once
+        stream_sum(a, threads)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for a in arrays:
+            stream_sum(a, threads)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"threads": threads, "bytes": total, "calls": len(arrays), "median_ms": med * 1e3,
+            "gb_s": total / med / 1e9, "ceiling_tok_s": 1.0 / med}
+
+
+def main(argv=None) -> int:
+    from edgesparse.errors import EdgesparseError
+    from edgesparse.runtime.model import Model
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("package")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("-o", "--output", default="stream.json")
+    a = p.parse_args(argv)
+    try:
+        threads = [int(t) for t in a.threads.split(",")]
+        if any(t < 1 for t in threads) or a.rounds < 1:
+            raise ValueError
+    except ValueError:
+        print(f"bench_stream: --threads wants positive integers and --rounds >= 1, got {a.threads!r} / {a.rounds}",
+              file=sys.stderr)
+        return 2
+    try:
+        model = Model(a.package, threads=max(threads))
+    except EdgesparseError as e:
+        print(f"bench_stream: {e}", file=sys.stderr)
+        return 1
+    rows = [measure(model, t, a.rounds) for t in threads]
+    print(f"{a.package}: {rows[0]['bytes'] / 1e6:.0f} MB per dense token in {rows[0]['calls']} arrays")
+    print("| threads | ms per token's bytes | GB/s | ceiling tok/s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['median_ms']:.2f} | {r['gb_s']:.1f} | {r['ceiling_tok_s']:.1f} |")
+    with open(a.output, "w") as f:
+        json.dump({"package": str(a.package), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
