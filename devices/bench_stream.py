@@ -10,9 +10,10 @@ contiguous chunk per thread, as the kernels split their rows. No engine that rea
 beat that time, so bytes / time is a ceiling on tokens/s for this width at this thread count:
 for edgesparse dense, ONNX Runtime on the same float32 weights and llama.cpp at the same width.
 
-    python devices/bench_stream.py PKG [--threads 1,2] [--rounds 15]
+    python devices/bench_stream.py PKG [--threads 1,2] [--load mmap,ram] [--rounds 15]
 
-Prints per thread count the median time to stream a token's bytes, GB/s and the ceiling tok/s,
+--load as in `edgesparse run --load`: the package's file mappings, or the weights read into
+anonymous (huge-page) memory. Prints per load and thread count the median time to stream a token's bytes, GB/s and the ceiling tok/s,
 and writes stream.json beside the working directory (or -o FILE). Numbers on a shared machine
 move between runs; compare them with engine figures measured in the same session.
 """
@@ -60,7 +61,7 @@ def token_arrays(model) -> list[np.ndarray]:
     return out
 
 
-def measure(model, threads: int, rounds: int) -> dict:
+def measure(model, threads: int, rounds: int, load: str = "mmap") -> dict:
     numba.set_num_threads(threads)
     arrays = token_arrays(model)
     total = sum(a.nbytes for a in arrays)
@@ -73,7 +74,7 @@ def measure(model, threads: int, rounds: int) -> dict:
             stream_sum(a, threads)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return {"threads": threads, "bytes": total, "calls": len(arrays), "median_ms": med * 1e3,
+    return {"load": load, "threads": threads, "bytes": total, "calls": len(arrays), "median_ms": med * 1e3,
             "gb_s": total / med / 1e9, "ceiling_tok_s": 1.0 / med}
 
 
@@ -83,9 +84,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("package")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--load", default="mmap,ram", help="comma-separated: mmap, ram (default both)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("-o", "--output", default="stream.json")
     a = p.parse_args(argv)
+    loads = [x.strip() for x in a.load.split(",") if x.strip()]
     try:
         threads = [int(t) for t in a.threads.split(",")]
         if any(t < 1 for t in threads) or a.rounds < 1:
@@ -94,17 +97,20 @@ def main(argv=None) -> int:
         print(f"bench_stream: --threads wants positive integers and --rounds >= 1, got {a.threads!r} / {a.rounds}",
               file=sys.stderr)
         return 2
+    rows = []
     try:
-        model = Model(a.package, threads=max(threads))
+        for load in loads:
+            model = Model(a.package, threads=max(threads), load=load)
+            rows += [measure(model, t, a.rounds, load) for t in threads]
+            del model
     except EdgesparseError as e:
         print(f"bench_stream: {e}", file=sys.stderr)
         return 1
-    rows = [measure(model, t, a.rounds) for t in threads]
     print(f"{a.package}: {rows[0]['bytes'] / 1e6:.0f} MB per dense token in {rows[0]['calls']} arrays")
-    print("| threads | ms per token's bytes | GB/s | ceiling tok/s |")
-    print("|---|---|---|---|")
+    print("| load | threads | ms per token's bytes | GB/s | ceiling tok/s |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['threads']} | {r['median_ms']:.2f} | {r['gb_s']:.1f} | {r['ceiling_tok_s']:.1f} |")
+        print(f"| {r['load']} | {r['threads']} | {r['median_ms']:.2f} | {r['gb_s']:.1f} | {r['ceiling_tok_s']:.1f} |")
     with open(a.output, "w") as f:
         json.dump({"package": str(a.package), "rows": rows}, f, indent=1)
     return 0

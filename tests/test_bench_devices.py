@@ -114,3 +114,37 @@ def test_bench_matmulnbits(tiny_llama_dir, tmp_path, dtype):
 def test_bench_matmulnbits_refuses_float(tiny_llama_pkg, tmp_path):
     r = sh(sys.executable, ROOT / "devices" / "bench_matmulnbits.py", tiny_llama_pkg, "--rounds", "1", cwd=tmp_path)
     assert r.returncode == 2 and "needs an int4 or int8" in r.stderr
+
+
+def test_bench_stream(tiny_llama_pkg, tmp_path):
+    """devices/bench_stream.py streams exactly the bytes a dense token reads (bench.bytes_per_token
+    without its one embedding row), for both loads and each thread count, and reports the ceiling
+    tok/s as 1 / the time; its reader really reads: the sum equals NumPy's wrapping sum."""
+    import importlib.util
+
+    import numpy as np
+
+    from edgesparse.runtime.bench import bytes_per_token
+    from edgesparse.runtime.model import Model
+    r = sh(sys.executable, ROOT / "devices" / "bench_stream.py", tiny_llama_pkg, "--threads", "1,2", "--rounds", "2",
+           "-o", tmp_path / "s.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(x["load"], x["threads"]) for x in rows] == [("mmap", 1), ("mmap", 2), ("ram", 1), ("ram", 2)]
+    m = Model(tiny_llama_pkg)
+    m.configure("dense")
+    m.forward([5, 6, 7])
+    m.forward([8])                                   # a dense step reads every row of every layer
+    assert m.stats.ffn_rows[-1] == sum(lw.ffn.shape[0] * lw.ffn.shape[1] for lw in m.layers)
+    m.stats.ffn_rows = m.stats.ffn_rows[-1:]
+    want = bytes_per_token(m) - m.embed[0].nbytes
+    for x in rows:
+        assert want - 8 * x["calls"] < x["bytes"] <= want        # each array's last < 8 bytes left out
+        assert x["ceiling_tok_s"] == pytest.approx(1e3 / x["median_ms"])
+    spec = importlib.util.spec_from_file_location("bench_stream", ROOT / "devices" / "bench_stream.py")
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    for a in bs.token_arrays(m)[:4]:
+        for chunks in (1, 3):
+            assert bs.stream_sum(a, chunks) == a.sum(dtype=np.int64)
+    assert "| ram | 2 |" in r.stdout
