@@ -156,10 +156,11 @@ def prepare(engine: str, pkg, cache: Path, gguf: str | None = None, log=None) ->
 
 
 # -- workers (run in a fresh process each; see bench.py) -----------------------------------------------
-def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int, load: str = "mmap") -> dict:
+    """load: llama.cpp's mmap or --no-mmap (bench --load); the HF engines always load into memory."""
     check_installed(engine)
     if engine == "llama.cpp":
-        return _llama_cpp(path, threads, n_prompt, n_gen)
+        return _llama_cpp(path, threads, n_prompt, n_gen, load)
     # the HF engines need torch/transformers/optimum: workstation side ([export] extra)
     from edgesparse.export import hf_engines
     return hf_engines.measure(engine, path, threads, n_prompt, n_gen)
@@ -168,7 +169,7 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> 
 _llama_quiet = None
 
 
-def _llama_open(path: str, threads: int, n_ctx: int, n_batch: int):
+def _llama_open(path: str, threads: int, n_ctx: int, n_batch: int, use_mmap: bool = True):
     """(llama_cpp module, model, context, vocabulary size) for a GGUF, through llama-cpp-python's C
     API (not its Llama class): the model parameters are ours to set, and use_extra_bufts = False
     turns llama.cpp's CPU weight repacking off (`--no-repack`), without which quantized GGUFs crash
@@ -188,6 +189,7 @@ def _llama_open(path: str, threads: int, n_ctx: int, n_batch: int):
         raise EdgesparseError("--against llama.cpp: this llama-cpp-python cannot turn weight repacking off "
                               "(no use_extra_bufts; llama.cpp before mid-2025): upgrade llama-cpp-python")
     mp.use_extra_bufts = False
+    mp.use_mmap = use_mmap          # False: llama.cpp's --no-mmap, the weights read into its own buffers
     model = L.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise EdgesparseError(f"{path}: llama.cpp cannot load this GGUF")
@@ -241,8 +243,8 @@ def llama_cpp_perplexity(path: str, windows, threads: int, bar=None) -> float:
     return float(np.exp(total / count))
 
 
-def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    """Decode speed and memory of llama.cpp on a GGUF (see _llama_open)."""
+def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int, load: str = "mmap") -> dict:
+    """Decode speed and memory of llama.cpp on a GGUF (see _llama_open); load "ram" = --no-mmap."""
     import ctypes
 
     import numpy as np
@@ -250,7 +252,7 @@ def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     from .bench import latency_stats, prompt_ids, rss_split_mb
 
     t0 = time.perf_counter()
-    L, model, ctx, V = _llama_open(path, threads, n_prompt + n_gen + 8, max(n_prompt, 8))
+    L, model, ctx, V = _llama_open(path, threads, n_prompt + n_gen + 8, max(n_prompt, 8), use_mmap=load == "mmap")
     t_load = time.perf_counter() - t0
     after_load = rss_split_mb()
     mem = L.llama_get_memory(ctx)

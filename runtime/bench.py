@@ -155,10 +155,10 @@ def bytes_per_token(m) -> float:
 def _label(c: dict) -> str:
     if c.get("kind") == "positions":
         return f"positions {c['ffn']} {c['sparsity']} threads {c['threads']}"
-    if c["engine"] != "edgesparse":
-        return f"{c['engine']} threads {c['threads']}"
-    b = f" budget {c['budget_mb']:g} MB" if c.get("budget_mb") else ""
     ld = " load ram" if c.get("load", "mmap") != "mmap" else ""
+    if c["engine"] != "edgesparse":
+        return f"{c['engine']} threads {c['threads']}{ld}"
+    b = f" budget {c['budget_mb']:g} MB" if c.get("budget_mb") else ""
     return f"{c['ffn']} {c['sparsity']} threads {c['threads']}{b}{ld}"
 
 
@@ -191,9 +191,10 @@ def worker(spec: dict) -> dict:
         return measure(spec["package"], spec["threads"], spec["sparsity"], spec["prompt_tokens"], spec["gen_tokens"],
                        spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"))
     from . import against
-    r = against.measure(spec["engine"], spec["path"], spec["threads"], spec["prompt_tokens"], spec["gen_tokens"])
+    r = against.measure(spec["engine"], spec["path"], spec["threads"], spec["prompt_tokens"], spec["gen_tokens"],
+                        spec.get("load", "mmap"))
     return {"engine": spec["engine"], "threads": spec["threads"], "sparsity": None, "ffn": None, "budget_mb": None,
-            **r}
+            "load": spec.get("load", "mmap"), **r}
 
 
 def _configs(threads, sparsities, ffns, budget_mb, loads=("mmap",)) -> list[tuple[float, str, float | None, str]]:
@@ -235,7 +236,9 @@ def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: i
     common = {"package": str(pkg), "prompt_tokens": n_prompt, "gen_tokens": n_gen}
     specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b, "load": ld}
              for s, f, b, ld in _configs(threads, sparsities, list(ffns), budget_mb, loads) for t in threads]
-    specs += [common | {"engine": e, "threads": t, "path": p} for e, p in (against or {}).items() for t in threads]
+    # llama.cpp also has both loads (mmap, --no-mmap); ORT and transformers always read into memory
+    specs += [common | {"engine": e, "threads": t, "path": p, "load": ld} for e, p in (against or {}).items()
+              for ld in (loads if e == "llama.cpp" else ("mmap",)) for t in threads]
     runs = _run_workers(specs, rounds, progress, "bench")
     summary = [_summarize(spec, rs) for spec, rs in zip(specs, runs)]
     res = {"package": str(pkg), "package_info": package_info(pkg), "prompt_tokens": n_prompt, "gen_tokens": n_gen,
@@ -296,7 +299,8 @@ def table(res: dict) -> str:
         b = base.get((r["threads"], r.get("load") or "mmap"))
         es = r.get("engine", "edgesparse") == "edgesparse"
         cells = [r.get("engine", "edgesparse"), r["ffn"] if es else "-", f"{r['sparsity']:.1f}" if es else "-",
-                 str(r["threads"])] + ([r.get("load") or "mmap" if es else "-"] if loads else []) + [
+                 str(r["threads"])] + ([r.get("load") or "mmap" if es or r["engine"] == "llama.cpp" else "-"]
+                                       if loads else []) + [
                  f"{r['tok_s']:.2f}", f"{(r['tok_s'] / b) if b else float('nan'):.2f}x",
                  f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['prefill_ms']:.0f}",
                  f"{r['rss_after_load_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
@@ -338,7 +342,8 @@ def _plot(res: dict, path: Path) -> None:
     others = [r for r in rows if r.get("engine", "edgesparse") != "edgesparse"]
     n0 = len(axes[0].lines)
     for i, r in enumerate(others):     # other engines: one level each, drawn across the sparsity axis
-        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{r['engine']}, {r['threads']} threads")
+        ld = ", no mmap" if (r.get("load") or "mmap") != "mmap" else ""
+        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{r['engine']}, {r['threads']} threads{ld}")
         axes[0].axhline(r["tok_s"], **kw)
         axes[1].axhline(r["peak_rss_mb"], **kw)
     axes[0].set_title("decode tok/s (median)")
