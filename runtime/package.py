@@ -39,6 +39,7 @@ class Package:
         if verify:
             verify_hashes(self.path, self.manifest)
         self._maps: dict[str, mmap.mmap] = {}
+        self._start: dict[str, int] = {}        # where each file's byte 0 sits in its mapping
 
     @property
     def config(self):
@@ -53,7 +54,10 @@ class Package:
         mm = self._maps.get(rel)
         if mm is None:
             with open(self.file(rel), "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if self.load == "mmap" else _read_to_ram(fh)
+                if self.load == "mmap":
+                    mm, self._start[rel] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), 0
+                else:
+                    mm, self._start[rel] = _read_to_ram(fh)
             self._maps[rel] = mm
         return mm
 
@@ -62,17 +66,21 @@ class Package:
         int4 tensors as their packed uint8 bytes [..., D/2]."""
         t = self.manifest.tensor(name)
         mm = self._map(t.file)
-        if t.offset + t.nbytes > len(mm):
+        start = self._start[t.file]
+        size = len(mm) if self.load == "mmap" else self.file(t.file).stat().st_size
+        if t.offset + t.nbytes > size:
             raise PackageError(f"{self.file(t.file)}: tensor {name} needs bytes up to "
-                               f"{t.offset + t.nbytes}, file has {len(mm)}")
+                               f"{t.offset + t.nbytes}, file has {size}")
         count = t.nbytes // np.dtype(DTYPES[t.dtype]).itemsize
-        a = np.frombuffer(mm, dtype=np.dtype(DTYPES[t.dtype]), count=count, offset=t.offset)
+        a = np.frombuffer(mm, dtype=np.dtype(DTYPES[t.dtype]), count=count, offset=start + t.offset)
         a.flags.writeable = False       # as from a read-only file map (and the same kernel signatures)
         return a.reshape(t.stored_shape)
 
     def willneed(self, name: str) -> None:
         """Ask the OS to start reading a tensor's pages now (madvise MADV_WILLNEED), so a later
         first touch does not wait for the disk. Asynchronous; a no-op where unsupported."""
+        if self.load != "mmap":     # already in memory
+            return
         t = self.manifest.tensor(name)
         mm = self._map(t.file)
         lo = t.offset - t.offset % mmap.PAGESIZE
@@ -90,22 +98,29 @@ class Package:
         self._maps.clear()
 
 
-def _read_to_ram(fh) -> mmap.mmap:
-    """The whole file in a fresh anonymous mapping, advised huge pages before the first write (the
-    kernel only backs a range with 2 MB pages on fault). Empty files map one page (mmap refuses 0)."""
+_HUGE = 2 << 20
+
+
+def _read_to_ram(fh) -> tuple[mmap.mmap, int]:
+    """(mapping, offset of the file's first byte in it): the whole file in a fresh private anonymous
+    mapping advised huge pages before the first write (the kernel backs a range with 2 MB pages on
+    fault), starting on a 2 MB boundary: mmap's address is only page-aligned, and an unaligned
+    10 MB FFN file left a third of its bytes in 4 KB pages at its two ends."""
     size = os.fstat(fh.fileno()).st_size
-    mm = mmap.mmap(-1, max(size, 1))
+    # private: a shared anonymous mapping is shmem, which follows shmem_enabled (often "never")
+    mm = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)
         except OSError:             # kernels without transparent huge pages: 4 KB pages, still correct
             pass
     view = memoryview(mm)
+    start = -np.frombuffer(mm, np.uint8, count=1).ctypes.data % _HUGE
     got = 0
     while got < size:
-        n = fh.readinto(view[got:size])
+        n = fh.readinto(view[start + got:start + size])
         if not n:
             raise PackageError(f"{fh.name}: file shrank while loading ({got} of {size} bytes read)")
         got += n
     view.release()
-    return mm
+    return mm, start
