@@ -403,3 +403,45 @@ def test_int4_export_with_calibration_text(tiny_llama_dir, tmp_path):
     ids = rng.integers(3, 211, 40)
     d = _assert_close(Model(pkg, ctx=128).forward(ids, all_logits=True), hf(torch.tensor(ids[None])).logits[0].numpy())
     print(f"int4 with importance: prefill of 40 tokens, max |dlogit| {d:.2e}")
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_int4_importance_names_and_shapes_every_family(family, tiny_model_factory, tmp_path, randomize):
+    """export/imatrix.py finds, in every family, the input of each int4 tensor (fused or separate
+    q|k|v, o, gate/up or fc1, the head): one importance per tensor the exporter stores, [D_in] for
+    projections and [R, D] for the neuron-major FFN (its down row all ones), each the mean square of
+    that module's input (checked against the hidden size and, for layer 0's FFN, a direct capture);
+    and an int4 export with calibration text runs."""
+    import torch
+    import transformers
+    from edgesparse.export import archs, export, source
+    from edgesparse.export.imatrix import input_importance
+    cfg_cls, model_cls, over = CASES[family]
+    d = tiny_model_factory(cfg_cls, model_cls, seed=2, init=randomize, **over)
+    text = tmp_path / "cal.txt"
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(4).integers(3, 211, 2000)))
+    src = source.resolve(str(d))
+    cfg = source.load_config(src)
+    arch = archs.lookup(cfg.model_type)
+    hf = getattr(transformers, model_cls).from_pretrained(d, dtype=torch.float32).eval()
+    imp, desc = input_importance(hf, arch, source.load_tokenizer(src), str(text), progress=False)
+    L = len(arch.layer_modules(hf))
+    head = "embed" if cfg.tie_word_embeddings else "lm_head"
+    assert set(imp) == {f"layers.{l}.{r}" for l in range(L) for r in ("qkv", "o", "ffn")} | {head}
+    R = 3 if arch.gated else 2
+    for name, v in imp.items():
+        assert np.all(np.isfinite(v)) and np.all(v >= 0)
+        if name.endswith(".ffn"):
+            assert v.shape[0] == R and np.all(v[-1] == 1) and np.all(v[:-1] == v[0])
+    # layer 0's FFN input, captured directly, over the same windows
+    seen = []
+    mod = arch.input_modules(arch.layer_modules(hf)[0])["ffn"]
+    h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    input_importance(hf, arch, source.load_tokenizer(src), str(text), progress=False)
+    h.remove()
+    x = torch.cat(seen)
+    np.testing.assert_allclose(imp["layers.0.ffn"][0], (x * x).mean(0).float().numpy(), rtol=1e-5)
+    pkg = export(str(d), tmp_path / "m.esp", dtype="int4", head_dtype="int4", progress=False, calibrate=str(text))
+    from edgesparse.runtime.model import Model
+    out = Model(pkg, ctx=64).forward([5, 6, 7, 8])
+    assert np.all(np.isfinite(out)) and "cal.txt" in desc
