@@ -4,6 +4,8 @@ leave the file mappings; what cannot work that way (a RAM budget) is refused."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -40,15 +42,17 @@ def test_ram_load_gives_the_same_logits(tiny_llama_pkg):
     assert d == 0.0
 
 
-def test_ram_load_leaves_no_file_mapping(tiny_llama_pkg):
-    raw = {str(tiny_llama_pkg / f) for f in Package(tiny_llama_pkg).manifest.files if f.endswith(".bin")}
-    m = Model(tiny_llama_pkg, ctx=64, load="ram")
+def test_ram_load_leaves_no_file_mapping(tiny_llama_pkg, tmp_path):
+    pkg = tmp_path / "pkg"          # a private copy: other tests' models may still map the shared one
+    shutil.copytree(tiny_llama_pkg, pkg)
+    raw = {str(pkg / f) for f in Package(pkg).manifest.files if f.endswith(".bin")}
+    m = Model(pkg, ctx=64, load="ram")
     assert not raw & _mapped_files()
     w = m.layers[0].ffn
     assert not w.flags.writeable                     # read-only views, as from a read-only file map
     with pytest.raises(ValueError):
         w[0, 0, 0] = 1
-    m2 = Model(tiny_llama_pkg, ctx=64)                # and the default does map them
+    m2 = Model(pkg, ctx=64)                           # and the default does map them
     assert raw <= _mapped_files()
     del m, m2
 
