@@ -298,7 +298,7 @@ def _run(a: argparse.Namespace) -> int:
 def _bench(a: argparse.Namespace) -> int:
     from edgesparse.runtime import against, bench
     from edgesparse.runtime.model import check_threads
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.package import LOADS, Package
 
     pkg = Package(a.package)              # fail here, not in a worker
     threads = [check_threads(_int(t, "--threads")) for t in a.threads.split(",")]
@@ -318,8 +318,8 @@ def _bench(a: argparse.Namespace) -> int:
     if a.gguf and "llama.cpp" not in engines:
         raise EdgesparseError("--gguf: only used with --against llama.cpp")
     loads = [x.strip() for x in a.load.split(",") if x.strip()]
-    if not loads or any(x not in ("mmap", "ram") for x in loads):
-        raise EdgesparseError(f"--load: expected comma-separated mmap, ram; got {a.load!r}")
+    if not loads or any(x not in LOADS for x in loads):
+        raise EdgesparseError(f"--load: expected comma-separated {', '.join(LOADS)}; got {a.load!r}")
     if a.ram_budget is not None:
         if loads != ["mmap"]:
             raise EdgesparseError("--ram-budget releases pages of mapped files: it needs --load mmap")

@@ -30,7 +30,7 @@ def input_importance(hf, arch, tok, text: str, progress: bool = True) -> tuple[d
     from tqdm.auto import tqdm
 
     body, desc = load_text(text, "valid")
-    ids = tok(body[: 200 * TOKENS])["input_ids"]            # ~200 characters per token is plenty
+    ids = tok(body[: 200 * TOKENS])["input_ids"]            # a few characters per token: 200 each is plenty
     window = min(WINDOW, getattr(hf.config, "max_position_embeddings", None) or WINDOW)   # learned positions end
     windows = token_windows(ids, window, TOKENS // window, what=f"--calibrate {text}")
     sums: dict[str, torch.Tensor] = {}

@@ -40,6 +40,7 @@ class Package:
             verify_hashes(self.path, self.manifest)
         self._maps: dict[str, mmap.mmap] = {}
         self._start: dict[str, int] = {}        # where each file's byte 0 sits in its mapping
+        self._size: dict[str, int] = {}         # each mapped file's size
 
     @property
     def config(self):
@@ -58,6 +59,7 @@ class Package:
                     mm, self._start[rel] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), 0
                 else:
                     mm, self._start[rel] = _read_to_ram(fh)
+                self._size[rel] = os.fstat(fh.fileno()).st_size
             self._maps[rel] = mm
         return mm
 
@@ -66,8 +68,7 @@ class Package:
         int4 tensors as their packed uint8 bytes [..., D/2]."""
         t = self.manifest.tensor(name)
         mm = self._map(t.file)
-        start = self._start[t.file]
-        size = len(mm) if self.load == "mmap" else self.file(t.file).stat().st_size
+        start, size = self._start[t.file], self._size[t.file]
         if t.offset + t.nbytes > size:
             raise PackageError(f"{self.file(t.file)}: tensor {name} needs bytes up to "
                                f"{t.offset + t.nbytes}, file has {size}")
