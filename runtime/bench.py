@@ -282,13 +282,18 @@ def report(res: dict) -> str:
     return text
 
 
+def _load_of(r: dict) -> str:
+    """A summary row's weight load (rows written before --load existed have none: mmap)."""
+    return r.get("load") or "mmap"
+
+
 def table(res: dict) -> str:
     rows = res["summary"]
     # "vs dense": against the dense run at the same thread count and load (other engines: mmap's)
-    base = {(r["threads"], r.get("load") or "mmap"): r["tok_s"] for r in rows
+    base = {(r["threads"], _load_of(r)): r["tok_s"] for r in rows
             if r.get("engine", "edgesparse") == "edgesparse" and r["sparsity"] == 0 and not r.get("budget_mb")}
     budget = any(r.get("budget_mb") for r in rows)
-    loads = any((r.get("load") or "mmap") != "mmap" for r in rows)
+    loads = any(_load_of(r) != "mmap" for r in rows)
     head = ["engine", "ffn", "sparsity", "threads"] + (["load"] if loads else []) + [
             "tok/s", "vs dense", "p50 ms", "p90 ms", "p99 ms", "prefill ms",
             "RSS load MB", "peak RSS MB", "file / anon MB", "MB read/token"]
@@ -296,10 +301,10 @@ def table(res: dict) -> str:
         head += ["budget MB", "weights resident MB", "decode peak RSS MB", "major faults/token"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        b = base.get((r["threads"], r.get("load") or "mmap"))
+        b = base.get((r["threads"], _load_of(r)))
         es = r.get("engine", "edgesparse") == "edgesparse"
         cells = [r.get("engine", "edgesparse"), r["ffn"] if es else "-", f"{r['sparsity']:.1f}" if es else "-",
-                 str(r["threads"])] + ([r.get("load") or "mmap" if es or r["engine"] == "llama.cpp" else "-"]
+                 str(r["threads"])] + ([_load_of(r) if es or r["engine"] == "llama.cpp" else "-"]
                                        if loads else []) + [
                  f"{r['tok_s']:.2f}", f"{(r['tok_s'] / b) if b else float('nan'):.2f}x",
                  f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['prefill_ms']:.0f}",
@@ -323,14 +328,14 @@ def _plot(res: dict, path: Path) -> None:
     ours = [r for r in rows if r.get("engine", "edgesparse") == "edgesparse"]
     modes = [f for f in dict.fromkeys(r["ffn"] for r in ours) if f != "dense"]
     budgets = list(dict.fromkeys(r.get("budget_mb") for r in ours))
-    loads = list(dict.fromkeys(r.get("load") or "mmap" for r in ours))
+    loads = list(dict.fromkeys(_load_of(r) for r in ours))
     # with a budget, a third panel: the weights resident while decoding, against the budget
     fig, axes = plt.subplots(1, 3 if any(budgets) else 2, figsize=(15 if any(budgets) else 10, 3.8))
     for t in sorted({r["threads"] for r in ours}):
         for f in modes or ["dense"]:
             for b, ld in ((b, ld) for b in budgets for ld in loads):
                 rs = [r for r in ours if r["threads"] == t and r["ffn"] in (f, "dense") and r.get("budget_mb") == b
-                      and (r.get("load") or "mmap") == ld]
+                      and _load_of(r) == ld]
                 if not rs:
                     continue
                 lab = f"{f}, {t} threads" + (f", budget {b:g} MB" if b else "") + (f", load {ld}" if len(loads) > 1 else "")
@@ -342,7 +347,7 @@ def _plot(res: dict, path: Path) -> None:
     others = [r for r in rows if r.get("engine", "edgesparse") != "edgesparse"]
     n0 = len(axes[0].lines)
     for i, r in enumerate(others):     # other engines: one level each, drawn across the sparsity axis
-        ld = ", no mmap" if (r.get("load") or "mmap") != "mmap" else ""
+        ld = ", no mmap" if _load_of(r) != "mmap" else ""
         kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{r['engine']}, {r['threads']} threads{ld}")
         axes[0].axhline(r["tok_s"], **kw)
         axes[1].axhline(r["peak_rss_mb"], **kw)

@@ -55,11 +55,11 @@ class Package:
         mm = self._maps.get(rel)
         if mm is None:
             with open(self.file(rel), "rb") as fh:
+                size = self._size[rel] = os.fstat(fh.fileno()).st_size
                 if self.load == "mmap":
                     mm, self._start[rel] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), 0
                 else:
-                    mm, self._start[rel] = _read_to_ram(fh)
-                self._size[rel] = os.fstat(fh.fileno()).st_size
+                    mm, self._start[rel] = _read_to_ram(fh, size)
             self._maps[rel] = mm
         return mm
 
@@ -102,12 +102,11 @@ class Package:
 _HUGE = 2 << 20
 
 
-def _read_to_ram(fh) -> tuple[mmap.mmap, int]:
+def _read_to_ram(fh, size: int) -> tuple[mmap.mmap, int]:
     """(mapping, offset of the file's first byte in it): the whole file in a fresh private anonymous
     mapping advised huge pages before the first write (the kernel backs a range with 2 MB pages on
     fault), starting on a 2 MB boundary: mmap's address is only page-aligned, and an unaligned
-    10 MB FFN file left a third of its bytes in 4 KB pages at its two ends."""
-    size = os.fstat(fh.fileno()).st_size
+    10 MB FFN file left a third of its bytes in 4 KB pages at its two ends. size: the file's."""
     # private: a shared anonymous mapping is shmem, which follows shmem_enabled (often "never")
     mm = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_HUGEPAGE"):
