@@ -6,7 +6,7 @@
     edgesparse calibrate PKG --text FILE|wikitext2 [--tokens N] [--method paper|gate|input] [--predictor]
     edgesparse eval PKG --text FILE|wikitext2 [--ctx 1024] [--windows N] [--sparsity 0,0.5] [--methods ...]
                     [--against llama.cpp [--gguf FILE]]
-    edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5]
+    edgesparse analyze PKG --text FILE|wikitext2 [--tokens 4096] [--sparsity 0.5] [--load mmap|ram]
     edgesparse prune PKG -o OUT --text FILE|wikitext2 [--max-rate 0.01] [--level 0.5] [--tokens N]
     edgesparse bench PKG [--sparsity 0,0.5] [--ffn threshold,predict] [--threads 1,2] [--rounds 3]
                      [--against ort,llama.cpp] [--load mmap,ram] [--ram-budget MB] [--positions 32,2000]
@@ -224,14 +224,14 @@ def _prune(a: argparse.Namespace) -> int:
 def _analyze(a: argparse.Namespace) -> int:
     import time
 
-    from edgesparse.runtime import analyze
+    from edgesparse.runtime import analyze, layer_cost
     from edgesparse.runtime.calibrate import thresholds_for
     from edgesparse.runtime.model import Model
     from edgesparse.runtime.text import TextCodec
     from edgesparse.runtime.textdata import load_text, token_windows
 
     level = _levels(str(a.sparsity), "--sparsity")[0]
-    model = Model(a.package, threads=a.threads, ctx=512, max_batch=512)
+    model = Model(a.package, threads=a.threads, ctx=512, max_batch=512, load=a.load)
     window = model.ctx        # 512 tokens, or the whole context of a model with a shorter one
     analyze.check_tokens(a.tokens, window)
     sp = model.pkg.manifest.sparsity
@@ -242,16 +242,21 @@ def _analyze(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     A, P, sig = analyze.collect(model, windows, t, tp, progress=not a.quiet)
     res = analyze.study(A, P, sig, window)
+    md = analyze.summary_table(res)
+    if model.has_predictor:     # the predictor's own bytes and time per layer, in the decode kernels
+        res["cost"] = layer_cost.measure(model, windows.ravel(), level, progress=not a.quiet)
+        md += "\n\n" + layer_cost.table(res["cost"])
     res.update(text=desc, level=level, seconds=time.perf_counter() - t0)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "analyze.json").write_text(json.dumps(res, indent=1) + "\n")
-    md = analyze.summary_table(res)
     (out / "analyze.md").write_text(md + "\n")
     figs = analyze.figures(res, out, model.cfg.arch)
+    if "cost" in res:
+        figs += layer_cost.figure(res["cost"], out, model.cfg.arch)
     print(md)
     print(f"{desc}: {res['tokens']} tokens at {level:.0%} sparsity, {res['seconds']:.0f} s; wrote "
-          f"{out / 'analyze.json'}" + (" and analyze.png" if figs else ""), file=sys.stderr)
+          f"{out / 'analyze.json'}" + (f" and {', '.join(f.name for f in figs)}" if figs else ""), file=sys.stderr)
     return 0
 
 
@@ -421,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                        _analyze)
     an.add_argument("--tokens", type=int, default=4096, help="tokens to study (default 4096)")
     an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active' (default 0.5)")
-    an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plot")
+    an.add_argument("--load", default="mmap", metavar="mmap|ram",
+                    help="how the weights are loaded for the per-layer cost (see run --load)")
+    an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plots")
 
     pr = _text_command(sub, "prune", "drop FFN neurons calibration finds almost never active (writes a copy)",
                        "validation", _prune)

@@ -19,6 +19,7 @@ their down columns are not read. t_l = 0 is the dense model. FFN modes (`--ffn`)
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numba
@@ -221,6 +222,8 @@ class Model:
         # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
         self.counts = np.zeros((cfg.n_layers, 3), np.int64)
         self.observer = None     # calibration hook: observer(layer, ffn_in [S,D], gate [S,N], up [S,N])
+        # analyze's per-layer cost: when an array [L], decode steps add each FFN kernel call's seconds
+        self.ffn_seconds: np.ndarray | None = None
         self.method = self.pkg.manifest.sparsity.get("method", "none")
         if self.method not in K.MODE_CODES:
             self.method = "paper"   # "none"/"synthetic": thresholds (if any) apply to |h|
@@ -519,6 +522,7 @@ class Model:
             fi, t, mode = self._ffn_input(l, f)
             lw = self.layers[l]
             N = lw.ffn.shape[0]
+            t0 = time.perf_counter() if self.ffn_seconds is not None else 0.0
             if self.ffn_mode == "predict":
                 k, c = K.ffn_predict(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
                                      t, self.act, x[0], self.h[l, :N], self._partial, self._kept, self._cand, self._order,
@@ -530,6 +534,8 @@ class Model:
                               self._partial, self._kept, mode, self._xb)
                 # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
                 rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
+            if self.ffn_seconds is not None:
+                self.ffn_seconds[l] += time.perf_counter() - t0
             self._ffn_done(l, 1)
             self._count(l, k, 1)
             kept += k

@@ -1146,4 +1146,53 @@ def test_analyze_cli(pred_pkg, text_file, tmp_path, capsys):
     assert min(rec) > 0.9
     assert all(abs(f - 0.5) < 0.1 for f in res["active_fraction"])   # 'active' = the calibrated 50% rule
     assert "int8_predictor: recall / precision" in stdout and (out / "analyze.md").exists()
+    # the per-layer cost (a package with a predictor): in the JSON, the table and its plot
+    cost = res["cost"]
+    assert len(cost["per_layer"]) == 3 and cost["level"] == 0.5 and cost["load"] == "mmap"
+    assert "| predictor MB | predictor ms |" in stdout and "FFN bytes per token" in stdout
+    assert (out / "analyze_cost.png").read_bytes()[:4] == b"\x89PNG"
     cli_error(capsys, ["analyze", pred_pkg, "--text", text_file, "--tokens", 100], "--tokens 100")
+    cli_error(capsys, ["analyze", pred_pkg, "--text", text_file, "--load", "disk"], "--load", "disk")
+
+
+def test_layer_cost_against_a_plain_decode(pred_pkg, text_file):
+    """layer_cost.measure: per layer, candidates, survivors and rows read per token equal the counts
+    of a separate predict-mode decode of the same tokens (rows = 2 per candidate + 1 per survivor);
+    the predictor-only run (candidate thresholds at +inf) has no candidate, so it reads no FFN row;
+    the predictor's bytes are its two tensors' sizes as the manifest declares them; the model's
+    thresholds, mode and candidate thresholds are as before."""
+    from edgesparse.runtime import layer_cost
+    from edgesparse.runtime.text import TextCodec
+    model = Model(pred_pkg, threads=2, ctx=128)
+    model.configure("threshold", 0.3)
+    before = model.thresholds.copy(), model.method, model.ffn_mode, model.t_pred.copy()
+    ids = np.array(TextCodec(model.pkg).encode(text_file.read_text(), special=False)[:60])
+    prompt, steps = 8, 20
+    cost = layer_cost.measure(model, ids, 0.5, prompt=prompt, steps=steps, rounds=2, progress=False)
+    assert (model.thresholds == before[0]).all() and model.method == before[1] and model.ffn_mode == before[2]
+    assert (model.t_pred == before[3]).all() and model.ffn_seconds is None
+
+    ref = Model(pred_pkg, threads=2, ctx=128)
+    ref.configure("predict", 0.5)
+    ref.forward(ids[:prompt])
+    ref.reset_counts()
+    for t in ids[prompt:prompt + steps]:
+        ref.forward([int(t)])
+    kept, total, cand = (ref.counts[:, i].astype(np.float64) for i in range(3))
+    m = read_manifest(pred_pkg)
+    tensor_bytes = lambda name: int(np.prod(m.tensors[name].shape)) * np.dtype(m.tensors[name].dtype).itemsize  # noqa: E731
+    for l, row in enumerate(cost["per_layer"]):
+        print(f"layer {l}: candidates {row['candidates']:.3f} survivors {row['survivors']:.3f} rows read "
+              f"{row['rows_read_fraction']:.3f}; ms predictor {row['predictor_ms']:.4f} predict {row['predict_ms']:.4f} "
+              f"dense {row['dense_ms']:.4f}")
+        assert row["candidates"] == cand[l] / total[l] and row["survivors"] == kept[l] / total[l]
+        assert row["rows_read_per_token"] == (2 * cand[l] + kept[l]) / steps
+        assert 0.2 < row["candidates"] < 0.8 and row["survivors"] <= row["candidates"]
+        assert row["predictor_candidates"] == 0
+        lw = m.layers[l]
+        assert row["predictor_bytes"] == tensor_bytes(lw.pred_q) + tensor_bytes(lw.pred_scale)
+        assert row["ffn_bytes"] == tensor_bytes(lw.ffn)
+        for k in ("predictor_ms", "predict_ms", "dense_ms"):
+            assert math.isfinite(row[k]) and row[k] > 0
+    with pytest.raises(EdgesparseError, match="69 tokens of text needed"):
+        layer_cost.measure(model, ids[:30], 0.5, prompt=5, steps=64, progress=False)
