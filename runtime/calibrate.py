@@ -10,6 +10,13 @@ All three come from the same forward pass, so one calibration stores all three t
 predictor (runtime/predictor.py) the same pass also tabulates |h^|, its predicted |h| ("predicted"),
 whose percentiles are the candidate thresholds t_pred.
 
+One level for every layer, as in the paper. Tried on SmolLM2-135M (predict mode, WikiText-2 test
+16 x 1024) and not kept: per-layer levels chosen by a dynamic program from each layer's own
+validation-loss increase at 0.4..0.8 (the others dense) were worse than uniform at the same mean
+(23.80 vs 23.40 at 50 %, 24.20 vs 23.72 at 55 %): single-layer effects are ~0.001 nats and
+noisier than the differences between layers, and they do not add up. Ranking by |h| * ||down_i||
+(WINA; SwiGLU permits it as a reparametrization, up_i * n_i and down_i / n_i) gave 23.38 vs 23.36.
+
 Distributions are kept as per-layer log-spaced histograms (2048 bins over 1e-10..1e4, 0.7% wide),
 so memory does not grow with the token count and percentiles are exact to well under a point of
 sparsity. The manifest gets a 64-bin version of them for plots.
