@@ -1012,9 +1012,9 @@ def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, p
     51.3 -> 50.8 / 28.7 -> 28.2 ms; kicks of 128 B-2 KB and 1-8 candidates ahead were measured, and
     prefetching whole blocks ahead made it slower (17.4 -> 14.0 GB/s). In the decode step (SmolLM2
     at 50 %, FFN ms per token, medians of alternating runs, 1 / 2 threads): float32 18.2 -> 17.7 /
-    9.9 -> 9.8, float16 15.4 -> 14.9 / 8.2 -> 8.0; the predictor pass itself is unchanged. Narrower rows also prefetch a
-    fixed distance ahead inside their dot products (_PREFETCH): float16 at 50 %, 1 / 2 threads,
-    whole decode step 32.4 -> 30.4 / 18.6 -> 15.8 ms (same process, alternating).
+    9.9 -> 9.8, float16 15.4 -> 14.9 / 8.2 -> 8.0. Narrower rows also prefetch a fixed distance
+    ahead inside their dot products (_PREFETCH): float16 at 50 %, 1 / 2 threads, whole decode
+    step 32.4 -> 30.4 / 18.6 -> 15.8 ms (same process, alternating).
     """
     N = w.shape[0]
     S = X.shape[0]

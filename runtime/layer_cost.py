@@ -87,12 +87,12 @@ def measure(model, ids: np.ndarray, level: float, prompt: int = 32, steps: int =
 
 
 def table(cost: dict) -> str:
-    lines = ["| layer | candidates | survivors | rows read | predictor MB | predictor ms | predict FFN ms | dense FFN ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | candidates | survivors | rows read | predictor MB | predictor ms | predict FFN ms "
+             "| dense FFN ms |", "|---|---|---|---|---|---|---|---|"]
     for r in cost["per_layer"]:
         lines.append(f"| {r['layer']} | {100 * r['candidates']:.1f}% | {100 * r['survivors']:.1f}% | "
-                     f"{100 * r['rows_read_fraction']:.1f}% | {r['predictor_bytes'] / 1e6:.2f} | {r['predictor_ms']:.3f} | "
-                     f"{r['predict_ms']:.3f} | {r['dense_ms']:.3f} |")
+                     f"{100 * r['rows_read_fraction']:.1f}% | {r['predictor_bytes'] / 1e6:.2f} | "
+                     f"{r['predictor_ms']:.3f} | {r['predict_ms']:.3f} | {r['dense_ms']:.3f} |")
     t = cost["total"]
     lines.append(f"| all | | | {100 * t['rows_read_fraction']:.1f}% | {t['predictor_bytes'] / 1e6:.1f} | "
                  f"{t['predictor_ms']:.2f} | {t['predict_ms']:.2f} | {t['dense_ms']:.2f} |")
