@@ -162,7 +162,7 @@ def summary_table(res: dict) -> str:
 
 
 def figures(res: dict, out, title: str) -> list:
-    from .plots import _plt
+    from .plots import _plt, save_per_layer
     plt = _plt()
     if plt is None:
         return []
@@ -182,16 +182,9 @@ def figures(res: dict, out, title: str) -> list:
         axes[2].plot(ls, [r[k] for r in rows], marker=".", label=lab)
     axes[2].set_title("pattern overlap (Jaccard)")
     for ax in axes:
-        ax.set_xlabel("layer")
         ax.set_ylim(0, 1)
-        ax.grid(alpha=.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: which neurons fire, how predictable ({res['tokens']} tokens)")
-    fig.tight_layout()
-    path = out / "analyze.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_per_layer(plt, fig, axes, f"{title}: which neurons fire, how predictable ({res['tokens']} tokens)",
+                          out / "analyze.png")
 
 
 def check_tokens(tokens: int, window: int) -> None:

@@ -103,7 +103,7 @@ def table(cost: dict) -> str:
 
 
 def figure(cost: dict, out, title: str) -> list:
-    from .plots import _plt
+    from .plots import _plt, save_per_layer
     plt = _plt()
     if plt is None:
         return []
@@ -123,13 +123,5 @@ def figure(cost: dict, out, title: str) -> list:
     axes[1].set_ylabel("% of the layer's neurons / rows")
     axes[1].set_ylim(0, 100)
     axes[1].set_title("what predict mode reads")
-    for ax in axes:
-        ax.set_xlabel("layer")
-        ax.grid(alpha=.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: FFN per layer at {cost['level']:.0%}, {cost['threads']} thread(s)")
-    fig.tight_layout()
-    path = out / "analyze_cost.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_per_layer(plt, fig, axes, f"{title}: FFN per layer at {cost['level']:.0%}, {cost['threads']} thread(s)",
+                          out / "analyze_cost.png")

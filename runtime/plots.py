@@ -18,6 +18,19 @@ def _plt():
         return None
 
 
+def save_per_layer(plt, fig, axes, title: str, path: Path) -> list[Path]:
+    """Finish a row of per-layer panels (x = layer, grid, legend), save it and close it."""
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def eval_figures(res: dict, sparsity: dict, out: Path, title: str) -> list[Path]:
     plt = _plt()
     if plt is None:
