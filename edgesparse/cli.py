@@ -207,7 +207,7 @@ def _prune(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"--max-rate: expected a fraction in [0, 1), got {a.max_rate}")
     model = Model(a.package, threads=a.threads, ctx=512, max_batch=512)
     t = thresholds_for(model.pkg.manifest.sparsity, "paper", level)
-    text, desc = load_text(a.text, "validation")
+    text, desc = load_text(a.text, "valid")
     window = model.ctx
     ids = TextCodec(model.pkg).encode(text, special=False)
     windows = token_windows(ids, window, max(1, a.tokens // window), desc)

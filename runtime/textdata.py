@@ -1,42 +1,46 @@
 """Text for calibration and evaluation: a text file, `wikitext2`, or a hub dataset id (online).
 
-`wikitext2` means the raw WikiText-2 files kept beside the project during development
-(../shared/data/wikitext-2-raw/wiki.{valid,test}.raw): calibrate reads the validation split,
-eval the test split, so thresholds are never fitted on the text they are judged on.
+`wikitext2` is the raw WikiText-2 validation and test text shipped inside the distribution
+(edgesparse/data/wikitext-2-raw/, gzip, CC BY-SA 3.0: see the README there): calibrate reads the
+validation split, eval the test split, so thresholds are never fitted on the text they are judged on.
 """
 
 from __future__ import annotations
 
-import os
+import gzip
+import hashlib
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
 
-WIKITEXT_FILES = {"valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+# split -> (file, sha256 of the uncompressed text). The hash is checked on every read: a damaged
+# copy must be an error, not a quietly different perplexity.
+WIKITEXT = {"valid": ("wiki.valid.raw.gz", "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"),
+            "test": ("wiki.test.raw.gz", "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08")}
 
 
-def wikitext_dir() -> Path:
-    env = os.environ.get("EDGESPARSE_WIKITEXT_DIR")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    # the checkout's sibling `shared/` (editable install: runtime/ sits in the repo root)
-    candidates += [p / "shared" / "data" / "wikitext-2-raw" for p in here.parents[:3]]
-    candidates += [Path.cwd().parent / "shared" / "data" / "wikitext-2-raw",
-                   Path.cwd() / "shared" / "data" / "wikitext-2-raw"]
-    for c in candidates:
-        if (c / WIKITEXT_FILES["test"]).is_file():
-            return c
-    raise EdgesparseError("wikitext2: WikiText-2 raw files not found (looked beside the checkout in "
-                          "../shared/data/wikitext-2-raw; set EDGESPARSE_WIKITEXT_DIR to the folder)")
+def wikitext(split: str) -> str:
+    """The shipped WikiText-2 raw text of split 'valid' or 'test'."""
+    name, sha = WIKITEXT[split]
+    res = resources.files("edgesparse") / "data" / "wikitext-2-raw" / name
+    try:
+        data = gzip.decompress(res.read_bytes())
+    except (OSError, EOFError) as e:    # missing file, or not a whole gzip stream
+        raise EdgesparseError(f"{res}: cannot read the shipped WikiText-2 {split} text ({e}); "
+                              "reinstall edgesparse") from None
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise EdgesparseError(f"{res}: sha256 mismatch: the shipped WikiText-2 {split} text is damaged; "
+                              "reinstall edgesparse")
+    return data.decode("utf-8")
 
 
 def load_text(spec: str, split: str) -> tuple[str, str]:
     """(text, description). split is 'valid' (calibration) or 'test' (evaluation)."""
     if spec == "wikitext2":
-        p = wikitext_dir() / WIKITEXT_FILES[split]
-        return _read(p), f"wikitext2:{split} ({p.name})"
+        return wikitext(split), f"wikitext2:{split} ({WIKITEXT[split][0].removesuffix('.gz')})"
     p = Path(spec)
     if p.exists():
         if not p.is_file():
