@@ -4,7 +4,8 @@ configurations alternate within each round, and medians over rounds are reported
 machines are noisy, and only comparisons made in one run mean much.
 
 A configuration is edgesparse at (ffn mode, sparsity, threads), optionally under a RAM budget
-(residency.py), or another engine at a thread count (against.py). `run_positions` measures latency
+(residency.py), or another engine at a thread count (against.py; the Hugging Face engines' workers
+are handed over by the workstation side, export/engines.py). `run_positions` measures latency
 against position instead (positions.py).
 """
 
@@ -22,36 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
+from edgesparse.progress import Progress
 
-from .progress import Progress
-
-
-def rss_split_mb() -> dict:
-    """Resident memory now, split as the kernel accounts it: file-backed (the mmap'd weights,
-    reclaimable) vs anonymous (heaps, ORT's copies of the attention weights, the KV cache)."""
-    out = {}
-    try:
-        for line in open("/proc/self/status"):
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-                out[k] = int(v.split()[0]) / 1024.0
-    except OSError:
-        pass
-    return {"rss_mb": out.get("VmRSS"), "rss_anon_mb": out.get("RssAnon"), "rss_file_mb": out.get("RssFile"),
-            "peak_rss_mb": out.get("VmHWM")}
-
-
-def prompt_ids(n: int, vocab: int) -> np.ndarray:
-    """The fixed pseudo-random prompt every engine and configuration gets: [n] int64."""
-    return np.random.default_rng(1234).integers(100, vocab - 1, n)
-
-
-def latency_stats(prefill_s: float, lat: list[float]) -> dict:
-    """Prefill time and per-token decode latencies (seconds) -> the reported figures."""
-    a = np.asarray(lat, np.float64)
-    return {"prefill_ms": prefill_s * 1e3, "tok_s": float(a.size / a.sum()),
-            "p50_ms": float(np.percentile(a, 50) * 1e3), "p90_ms": float(np.percentile(a, 90) * 1e3),
-            "p99_ms": float(np.percentile(a, 99) * 1e3)}
+from .metrics import latency_stats, prompt_ids, rss_split_mb
 
 
 def _reset_peak_rss() -> None:
@@ -83,18 +57,19 @@ def _warm_page_cache(m) -> None:
 
 
 def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, ffn: str = "threshold",
-            budget_mb: float | None = None, load: str = "mmap") -> dict:
+            budget_mb: float | None = None, load: str = "mmap", settings: dict | None = None) -> dict:
     """One configuration, in this process: load, warm up, prefill a fixed prompt, decode n_gen
-    greedy tokens (EOS ignored, so every configuration decodes the same count). With a budget, the
-    residency manager runs after every decode step, inside the timed interval: its cost is part of
-    the price of the budget."""
-    from .model import Model
+    greedy tokens (EOS ignored, so every configuration decodes the same count). settings: the
+    thresholds of (ffn, sparsity) as Model.configure takes them (sparsity/levels.py prepares them
+    in the parent process). With a budget, the residency manager runs after every decode step,
+    inside the timed interval: its cost is part of the price of the budget."""
+    from ..core.model import Model
     from .residency import Residency, package_resident_bytes
     t0 = time.perf_counter()
     m = Model(pkg, threads=threads, ctx=n_prompt + n_gen + 8, load=load)
     load_s = time.perf_counter() - t0
     after_load = rss_split_mb()
-    m.configure(ffn, sparsity)
+    m.configure(ffn, **(settings or {}))
     _warm_page_cache(m)
     m.warmup()
     # With a budget, the FFN rows start released (see residency.py): the prefill reads them back,
@@ -152,6 +127,9 @@ def bytes_per_token(m) -> float:
 
 
 # -- orchestration ---------------------------------------------------------------------------------------
+WORKER = [sys.executable, "-m", "edgesparse.runtime.measure.bench"]     # + SPEC_JSON: one measurement
+
+
 def _label(c: dict) -> str:
     if c.get("kind") == "positions":
         return f"positions {c['ffn']} {c['sparsity']} threads {c['threads']}"
@@ -169,7 +147,9 @@ def _run_workers(specs: list[dict], rounds: int, progress: bool, desc: str) -> l
     bar = Progress(rounds * len(specs), desc, progress)
     for rnd in range(rounds):
         for i, spec in enumerate(specs):
-            cmd = [sys.executable, "-m", "edgesparse.runtime.bench", json.dumps(spec | {"round": rnd})]
+            # a worker command given with the spec (the workstation's engines), else this module's
+            cmd = spec.get("worker", WORKER) + [json.dumps({k: v for k, v in spec.items() if k != "worker"}
+                                                           | {"round": rnd})]
             env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode:
@@ -185,14 +165,20 @@ def worker(spec: dict) -> dict:
     kind = spec.get("kind", "decode")
     if kind == "positions":
         from . import positions
-        return positions.measure(spec["package"], spec["threads"], spec["sparsity"], spec["ffn"], spec["positions"],
-                                 spec["steps"], spec.get("round", 0))
+        return positions.measure(spec["package"], spec["threads"], spec["ffn"], spec["positions"], spec["steps"],
+                                 spec.get("round", 0), spec["settings"])
     if spec["engine"] == "edgesparse":
         return measure(spec["package"], spec["threads"], spec["sparsity"], spec["prompt_tokens"], spec["gen_tokens"],
-                       spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"))
+                       spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"), spec["settings"])
     from . import against
     r = against.measure(spec["engine"], spec["path"], spec["threads"], spec["prompt_tokens"], spec["gen_tokens"],
                         spec.get("load", "mmap"))
+    return engine_row(spec, r)
+
+
+def engine_row(spec: dict, r: dict) -> dict:
+    """Another engine's measurement r as a result row beside edgesparse's (no ffn mode, sparsity or
+    budget of its own)."""
     return {"engine": spec["engine"], "threads": spec["threads"], "sparsity": None, "ffn": None, "budget_mb": None,
             "load": spec.get("load", "mmap"), **r}
 
@@ -224,20 +210,23 @@ def machine() -> dict:
 
 
 def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: int, n_gen: int, rounds: int,
-              out: Path, progress: bool = True, ffns: tuple[str, ...] = ("threshold",),
-              against: dict[str, str] | None = None, budget_mb: float | None = None,
+              out: Path, settings, progress: bool = True, ffns: tuple[str, ...] = ("threshold",),
+              against: dict[str, dict] | None = None, budget_mb: float | None = None,
               project: str | None = None, loads: tuple[str, ...] = ("mmap",)) -> dict:
-    """against: engine -> the path its worker loads (against.prepare). project: a board name or
-    profile path for the roofline projection."""
+    """settings(ffn, sparsity): Model.configure's thresholds for a configuration, as data (the CLI
+    hands over sparsity/levels.py's). against: engine -> what its worker loads ("path") and, for the
+    workstation's engines, the worker command ("worker"). project: a board name or profile path for
+    the roofline projection."""
     profile = None
     if project:
         from . import boards
         profile = boards.load_profile(project)           # fail before the runs, not after
     common = {"package": str(pkg), "prompt_tokens": n_prompt, "gen_tokens": n_gen}
-    specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b, "load": ld}
+    specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b, "load": ld,
+                       "settings": settings(f, s)}
              for s, f, b, ld in _configs(threads, sparsities, list(ffns), budget_mb, loads) for t in threads]
     # llama.cpp also has both loads (mmap, --no-mmap); ORT and transformers always read into memory
-    specs += [common | {"engine": e, "threads": t, "path": p, "load": ld} for e, p in (against or {}).items()
+    specs += [common | {"engine": e, "threads": t, "load": ld} | given for e, given in (against or {}).items()
               for ld in (loads if e == "llama.cpp" else ("mmap",)) for t in threads]
     runs = _run_workers(specs, rounds, progress, "bench")
     summary = [_summarize(spec, rs) for spec, rs in zip(specs, runs)]
@@ -368,11 +357,12 @@ def _plot(res: dict, path: Path) -> None:
 
 
 def run_positions(pkg: str, threads: list[int], sparsities: list[float], ffns: list[str], positions: list[int],
-                  steps: int, rounds: int, out: Path, progress: bool = True) -> dict:
-    """Latency vs position for every configuration (see positions.py); positions.json/.md/.png."""
+                  steps: int, rounds: int, out: Path, settings, progress: bool = True) -> dict:
+    """Latency vs position for every configuration (see positions.py); positions.json/.md/.png.
+    settings: as in run_bench."""
     from . import positions as P
     specs = [{"kind": "positions", "package": str(pkg), "threads": t, "sparsity": s, "ffn": f,
-              "positions": positions, "steps": steps}
+              "positions": positions, "steps": steps, "settings": settings(f, s)}
              for s, f, _, _ in _configs(threads, sparsities, ffns, None) for t in threads]
     runs = _run_workers(specs, rounds, progress, "positions")
     configs = [{k: s[k] for k in ("threads", "sparsity", "ffn")} | P.summarize(rs) | {"runs": rs}
@@ -387,5 +377,5 @@ def run_positions(pkg: str, threads: list[int], sparsities: list[float], ffns: l
 
 
 if __name__ == "__main__":
-    # worker: python -m edgesparse.runtime.bench SPEC_JSON (one configuration; result JSON on stdout)
+    # worker: python -m edgesparse.runtime.measure.bench SPEC_JSON (one configuration; result JSON on stdout)
     print(json.dumps(worker(json.loads(sys.argv[1]))))

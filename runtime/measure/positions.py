@@ -32,16 +32,17 @@ def parse(spec: str, steps: int, max_position: int) -> list[int]:
     return sorted(set(ps))
 
 
-def measure(pkg: str, threads: int, sparsity: float, ffn: str, positions: list[int], steps: int,
-            round_no: int = 0) -> dict:
+def measure(pkg: str, threads: int, ffn: str, positions: list[int], steps: int, round_no: int = 0,
+            settings: dict | None = None) -> dict:
     """One process: for each position p (order rotated by round), prefill p pseudo-random tokens and
-    time `steps` greedy decode steps; then the first position again in a KV buffer just big enough."""
-    from .model import Model
+    time `steps` greedy decode steps; then the first position again in a KV buffer just big enough.
+    settings: the thresholds of the configuration as Model.configure takes them."""
+    from ..core.model import Model
     rng = np.random.default_rng(1234)
     big = Model(pkg, threads=threads, ctx=max(positions) + steps + 1)
     small = Model(big.pkg, threads=threads, ctx=positions[0] + steps + 1)
     for m in (big, small):
-        m.configure(ffn, sparsity)
+        m.configure(ffn, **(settings or {}))
         m.warmup()
     k = round_no % len(positions)
     cases = [(big, p) for p in positions[k:] + positions[:k]] + [(small, positions[0])]

@@ -47,22 +47,6 @@ def dequantize(pq: np.ndarray, ps: np.ndarray) -> np.ndarray:
     return pq.astype(np.float32) * ps[..., None]
 
 
-def predicted_gate_up(pq: np.ndarray, ps: np.ndarray, bias_in: np.ndarray, f: np.ndarray,
-                      wp: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predicted pre-activations of S tokens through BLAS (prefill, calibration, analysis):
-    f [S, D] -> (gate^ [S, N], up^ [S, N], or None for plain MLPs whose up is 1), input biases
-    bias_in [N, R-1] (or [0, ·]) added exactly. wp [N, R-1, D] float32 scratch."""
-    from . import kernels as K
-    K.dequant_pred(pq, ps, wp)
-    gp = f @ wp[:, 0].T
-    up = f @ wp[:, 1].T if wp.shape[1] == 2 else None
-    if bias_in.shape[0]:
-        gp += bias_in[:, 0]
-        if up is not None:
-            up += bias_in[:, 1]
-    return gp, up
-
-
 def build(pkg, progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Quantize every layer's gate and up rows (fc1 rows) of a package: [(pq, ps)] per layer."""
     out = []

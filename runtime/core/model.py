@@ -27,110 +27,18 @@ import numpy as np
 
 from edgesparse.errors import EdgesparseError
 
-from edgesparse.quant import dequantize, round_activations
-
-from . import kernels as K
+from .. import kernels as K
 from .attention import AttentionStack
 from .package import Package
+from .state import RunState, zeros64
+from .threads import check_threads, limit_blas
+from .weights import LayerWeights, blas_input, kernel_array, scales, widen
 
 DEFAULT_CTX = 2048
 FFN_MODES = ("dense", "threshold", "predict")
 # Up to this many tokens a prefill step runs the Numba kernel (weight-bandwidth bound); above it,
 # BLAS (compute bound: eval windows, long prompts).
 SMALL_BATCH = 64
-
-
-def _as_kernel_array(a: np.ndarray) -> np.ndarray:
-    # Numba has no CPU float16: hand float16 weights (and int4 group scales) over as their bit patterns.
-    return a.view(np.uint16) if a.dtype == np.float16 else a
-
-
-def _scales(pkg: Package, name: str | None, ndim: int) -> np.ndarray:
-    """The scales of a quantized tensor (int8: [rows...] float32; int4: [rows..., D/32] float16
-    bits), or an empty [0, ...] float32 array (ndim axes) for a float tensor."""
-    if name is not None and name + ".scale" in pkg.manifest.tensors:
-        return _as_kernel_array(pkg.tensor(name + ".scale"))
-    return np.zeros((0,) * ndim, np.float32)
-
-
-def _blas_input(X: np.ndarray, ws: np.ndarray) -> np.ndarray:
-    """X [S, D] as the kernels multiply it with rows whose scales are ws: rounded to int8 per block
-    for rows in groups of 32 (int4, Q8_0-style int8; float16 scale bits), as is otherwise
-    (kernels.py, "grouped rows meet int8 activations"). For the BLAS paths, so that long prefill
-    and eval compute what decode does."""
-    return round_activations(X) if ws.dtype == np.uint16 else X
-
-
-def _widen(w: np.ndarray, ws: np.ndarray) -> np.ndarray:
-    """float32 copy of a kernel weight array for BLAS: float16 bits widened, int8 scaled per row,
-    int4 unpacked and scaled per group."""
-    return w if w.dtype == np.float32 else dequantize(w, ws)
-
-
-def _zeros64(shape: tuple) -> np.ndarray:
-    """float32 zeros starting on a 64-byte cache line. The kernels' threads write disjoint row
-    ranges of these (per-thread partial sums, neuron outputs, logits); NumPy aligns small
-    allocations to 16 bytes, so two threads' ranges could share the line at their boundary and
-    every write there would bounce it between cores (the int8 FFN of 30 layers, 2 threads:
-    5.87 ms with a partial buffer at 16 mod 64, 5.20 ms aligned, before the kernels went blockwise)."""
-    n = int(np.prod(shape))
-    raw = np.zeros(n * 4 + 64, np.uint8)
-    off = -raw.ctypes.data % 64
-    return raw[off:off + n * 4].view(np.float32).reshape(shape)
-
-
-def check_threads(threads: int | None) -> int:
-    cores = os.cpu_count() or 1
-    if threads is None:
-        return min(cores, numba.config.NUMBA_NUM_THREADS)
-    if not isinstance(threads, int) or threads < 1:
-        raise EdgesparseError(f"--threads: expected a positive integer, got {threads!r}")
-    if threads > numba.config.NUMBA_NUM_THREADS:
-        raise EdgesparseError(f"--threads: {threads} is more than Numba's pool "
-                              f"({numba.config.NUMBA_NUM_THREADS}; raise NUMBA_NUM_THREADS)")
-    return threads
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """One layer's tensors as the kernels take them (mmap'd views; float16 as uint16 bits).
-    Absent optional tensors are empty arrays, which the kernels read as "none"."""
-    attn_norm: np.ndarray       # [D] float32
-    attn_norm_bias: np.ndarray  # [D] float32 (LayerNorm) or [0]
-    qkv: np.ndarray             # [(H+2Hkv)·hd, D]
-    qkv_scale: np.ndarray       # [(H+2Hkv)·hd] int8 row scales, [(H+2Hkv)·hd, D/32] int4 group scales, or [0]
-    qkv_bias: np.ndarray        # [(H+2Hkv)·hd] float32, or [0] for none
-    o: np.ndarray               # [D, H·hd]
-    o_scale: np.ndarray         # [D] or [0]
-    o_bias: np.ndarray          # [D] float32, or [0]
-    ffn_norm: np.ndarray        # [D] float32, or [0] (parallel block)
-    ffn_norm_bias: np.ndarray   # [D] or [0]
-    ffn: np.ndarray             # [N, R, D] neuron-major ([N, R, D/2] uint8 for int4)
-    ffn_scale: np.ndarray       # [N, R] int8 row scales, [N, R, D/32] int4 group scales, or [0, R]
-    ffn_bias_in: np.ndarray     # [N, R-1] float32, or [0, R-1]
-    ffn_bias_out: np.ndarray    # [D] float32, or [0]
-    q_norm: np.ndarray          # [hd] or [0]
-    k_norm: np.ndarray          # [hd] or [0]
-    attn_out_norm: np.ndarray   # [D] or [0]
-    ffn_out_norm: np.ndarray    # [D] or [0]
-    pred_q: np.ndarray | None = None      # [N, R-1, D] int8 predictor (see predictor.py)
-    pred_scale: np.ndarray | None = None  # [N, R-1] float32
-
-    @classmethod
-    def load(cls, pkg: Package, entry) -> "LayerWeights":
-        none = np.zeros(0, np.float32)
-        t = lambda name: none if name is None else _as_kernel_array(pkg.tensor(name))  # noqa: E731
-        ffn = t(entry.ffn)
-        bias_in = (np.zeros((0, ffn.shape[1] - 1), np.float32) if entry.ffn_bias_in is None
-                   else pkg.tensor(entry.ffn_bias_in))
-        pred = {} if entry.pred_q is None else {"pred_q": pkg.tensor(entry.pred_q),
-                                                "pred_scale": pkg.tensor(entry.pred_scale)}
-        roles = ("attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "ffn_norm", "ffn_norm_bias",
-                 "ffn_bias_out", "q_norm", "k_norm", "attn_out_norm", "ffn_out_norm")
-        return cls(ffn=ffn, ffn_bias_in=bias_in, qkv_scale=_scales(pkg, entry.qkv, 1), o_scale=_scales(pkg, entry.o, 1),
-                   ffn_scale=_scales(pkg, entry.ffn, 2) if entry.ffn + ".scale" in pkg.manifest.tensors
-                   else np.zeros((0, ffn.shape[1]), np.float32),
-                   **{r: t(getattr(entry, r)) for r in roles}, **pred)
 
 
 @dataclass
@@ -151,7 +59,7 @@ class Model:
         # BLAS (long prefill only) runs on one thread: OpenBLAS workers spin after each call and
         # steal the second core from ORT's attention that runs next; measured on SmolLM2 at 2
         # threads, a 1024-token prefill takes 1.9-2.1 s with 1 BLAS thread and 2.5 s with 2.
-        self._blas_limit = _limit_blas(1)
+        self._blas_limit = limit_blas(1)
         self.ctx = min(DEFAULT_CTX if ctx is None else ctx, cfg.max_position)
         if self.ctx < 1:
             raise EdgesparseError(f"--ctx: expected a positive integer, got {ctx}")
@@ -172,53 +80,23 @@ class Model:
         self.ffn_mode = "threshold"
         # optional global tensors, used when the config says the model has them (the reader checks
         # exactly those shapes)
-        opt = lambda name, want, shape=(0,): (_as_kernel_array(self.pkg.tensor(name)) if want  # noqa: E731
+        opt = lambda name, want, shape=(0,): (kernel_array(self.pkg.tensor(name)) if want  # noqa: E731
                                               else np.zeros(shape, np.float32))
-        self.embed = _as_kernel_array(self.pkg.tensor("embed"))                                    # [V, E]
-        self.embed_scale = _scales(self.pkg, "embed", 1)                                          # [V] or [0]
-        self.head = self.embed if cfg.tie_embeddings else _as_kernel_array(self.pkg.tensor("lm_head"))  # [V, E]
-        self.head_scale = self.embed_scale if cfg.tie_embeddings else _scales(self.pkg, "lm_head", 1)
+        self.embed = kernel_array(self.pkg.tensor("embed"))                                    # [V, E]
+        self.embed_scale = scales(self.pkg, "embed", 1)                                          # [V] or [0]
+        self.head = self.embed if cfg.tie_embeddings else kernel_array(self.pkg.tensor("lm_head"))  # [V, E]
+        self.head_scale = self.embed_scale if cfg.tie_embeddings else scales(self.pkg, "lm_head", 1)
         self.head_bias = opt("lm_head.bias", cfg.head_bias)                                        # [V] or [0]
         self.final_norm = opt("final_norm.weight", cfg.final_norm)                                 # [D] or [0]
         self.final_norm_bias = opt("final_norm.bias", cfg.final_norm and cfg.norm == "layer")      # [D] or [0]
         self.pos_embed = opt("pos_embed", cfg.learned_positions, (0, cfg.d_model))                 # [P, D] or [0, D]
         proj = cfg.embed_dim != cfg.d_model
         # project_in/out (OPT-350m) are small and only ever used through BLAS: widened once here
-        self.proj_in = _widen(opt("embed_proj_in", proj, (0, 0)), _scales(self.pkg, "embed_proj_in", 1))  # [D, E]
-        self.proj_out = _widen(opt("head_proj_out", proj, (0, 0)), _scales(self.pkg, "head_proj_out", 1))  # [E, D]
-        D, N, C, E = cfg.d_model, cfg.ffn_dim, self.threads, cfg.embed_dim
-        # Buffers, allocated once.
-        self._partial = _zeros64((C, D))
-        B = self.max_batch
-        self.hidden = np.zeros((B, D), np.float32)       # the residual stream entering a layer
-        self.residual = np.zeros((B, D), np.float32)     # hidden + attention
-        self.ffn_in = np.zeros((B, D), np.float32)       # norm2(residual)
-        self._xa = np.zeros((B, D), np.float32)          # norm1(hidden)
-        self._t = np.zeros((B, D), np.float32)           # a branch's output before its out-norm; FFN base
-        self._xe = np.zeros((B, E), np.float32)          # embedding rows / projected final state
-        # plain MLPs through BLAS: h = act(fc1 x + b) * 1, the gated formula with up = 1
-        # [S, N_l] views of flat buffers: a pruned package's layers have N_l <= N neurons
-        self._ones = np.ones(B * N, np.float32) if not cfg.gated else None
-        self._nobase = np.zeros((0, 1), np.float32)      # "no residual" for K.linear
-        self._none = np.zeros(0, np.float32)              # "no bias"
-        self._partial_s = _zeros64((C, self._small, D))
-        self._kept = np.zeros(C, np.int64)
-        self._cand = np.zeros(C, np.int64)
-        self._order = np.zeros((C, N), np.int32)       # predict mode: each thread's candidate list
-        self._cand_s = np.zeros(self.max_batch, np.int64)
-        self._wp = None      # predictor rows widened to float32 [N, 2, D], BLAS prefill only
-        self.h = _zeros64((cfg.n_layers, N))       # last decode step's neuron outputs per layer
-        self._xn = np.zeros((1, D), np.float32)
-        self._xo = np.zeros((1, E), np.float32)
-        self.logits = _zeros64((cfg.vocab_size,))
-        self._g = _zeros64((self.max_batch * N,))
-        self._u = np.zeros(self.max_batch * N, np.float32)
-        self._kept_s = np.zeros(self.max_batch, np.int64)
-        # a kernel step's inputs rounded to int8 for grouped weights: (xq, xd8, xs8), rows for the
-        # <= small tokens that reach the kernels, wide enough for any projection's input (D, H·hd, E)
-        W, Bs = max(D, cfg.n_heads * cfg.head_dim, E), self._small
-        self._xb = (np.zeros((Bs, W), np.int8), np.zeros((Bs, W // 4), np.float32), np.zeros((Bs, W // 4), np.int32))
-        self._fmask = np.zeros((self.max_batch, D), np.float32)
+        self.proj_in = widen(opt("embed_proj_in", proj, (0, 0)), scales(self.pkg, "embed_proj_in", 1))  # [D, E]
+        self.proj_out = widen(opt("head_proj_out", proj, (0, 0)), scales(self.pkg, "head_proj_out", 1))  # [E, D]
+        self.s = RunState(cfg, self.threads, self.max_batch, self._small)
+        self.h = zeros64((cfg.n_layers, cfg.ffn_dim))      # last decode step's neuron outputs per layer
+        self.logits = zeros64((cfg.vocab_size,))
         # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
         self.counts = np.zeros((cfg.n_layers, 3), np.int64)
         self.observer = None     # calibration hook: observer(layer, ffn_in [S,D], gate [S,N], up [S,N])
@@ -277,18 +155,12 @@ class Model:
             self.t_pred[:] = t_pred
         self.ffn_mode = mode
 
-    def configure(self, ffn: str = "threshold", level: float | None = None) -> None:
-        """The FFN mode and, optionally, a calibrated target sparsity instead of the package's active
-        one (level 0 = dense). predict takes the paper thresholds and the predictor's candidate
-        thresholds at the same level."""
-        from .calibrate import thresholds_for
-        sp, L = self.pkg.manifest.sparsity, self.cfg.n_layers
-        t_pred = None
-        if level is not None:
-            method = "paper" if ffn == "predict" else (sp["method"] if sp["method"] in K.MODE_CODES else "paper")
-            self.set_thresholds([0.0] * L if level == 0 else thresholds_for(sp, method, level), method)
-            if ffn == "predict":
-                t_pred = [0.0] * L if level == 0 else thresholds_for(sp, "predicted", level)
+    def configure(self, ffn: str = "threshold", thresholds=None, method: str | None = None, t_pred=None) -> None:
+        """The FFN mode with, optionally, the thresholds [L] (and what they apply to) and the
+        predictor's candidate thresholds [L] to use instead of the package's active ones: plain
+        data, which the sparsity side reads from a calibration (sparsity/levels.py)."""
+        if thresholds is not None:
+            self.set_thresholds(thresholds, method)
         self.set_ffn_mode(ffn, t_pred)
 
     def reset_counts(self) -> None:
@@ -361,15 +233,15 @@ class Model:
 
     def _head_one(self, x: np.ndarray) -> None:
         """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba matvec)."""
-        xf = self._final(x, self._xn)       # [1, E]
-        K.matvec(self.head, self.head_scale, np.ascontiguousarray(xf[0]), self.logits, self.threads, self._xb)
+        xf = self._final(x, self.s.xn)       # [1, E]
+        K.matvec(self.head, self.head_scale, np.ascontiguousarray(xf[0]), self.logits, self.threads, self.s.xb)
         if self.head_bias.size:
             self.logits += self.head_bias
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
-        xf = _blas_input(self._final(x, np.empty_like(x)), self.head_scale)
-        logits = xf @ _widen(self.head, self.head_scale).T
+        xf = blas_input(self._final(x, np.empty_like(x)), self.head_scale)
+        logits = xf @ widen(self.head, self.head_scale).T
         if self.head_bias.size:
             logits += self.head_bias
         return logits
@@ -384,7 +256,7 @@ class Model:
         """x [S, D] = embed[tokens] * scale (@ proj_in) (+ pos_embed[pos .. pos+S-1])."""
         S = tokens.size
         if self.proj_in.size:
-            xe = self._xe[:S]                # [S, E]
+            xe = self.s.xe[:S]                # [S, E]
             K.gather_rows(self.embed, self.embed_scale, tokens, np.float32(self.cfg.embed_scale), xe)
             np.matmul(xe, self.proj_in.T, out=x)
         else:
@@ -402,9 +274,9 @@ class Model:
             return f, self.thresholds[l], 0     # t = 0 is the dense model under every rule
         if mode != 2:
             return f, self.thresholds[l], mode
-        m = self._fmask[: f.shape[0]]
-        K.mask_small(f, self.thresholds[l], m, self._kept_s[: f.shape[0]])
-        self.counts[l, 0] += int(self._kept_s[: f.shape[0]].sum())
+        m = self.s.fmask[: f.shape[0]]
+        K.mask_small(f, self.thresholds[l], m, self.s.kept_s[: f.shape[0]])
+        self.counts[l, 0] += int(self.s.kept_s[: f.shape[0]].sum())
         self.counts[l, 1] += f.size
         return m, np.float32(0.0), 0
 
@@ -417,10 +289,10 @@ class Model:
                 Y: np.ndarray) -> None:
         """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd; int8 with row scales ws [O]), X [S, D], Y [S, O]."""
         if X.shape[0] <= self._small:
-            K.linear(w, ws, X, bias, self._nobase if base is None else base, Y, self.threads, self._xb)
+            K.linear(w, ws, X, bias, self.s.nobase if base is None else base, Y, self.threads, self.s.xb)
             return
-        w = _widen(w, ws)     # float16 / int8 storage: widen once for BLAS (long prefill only)
-        np.matmul(_blas_input(X, ws), w.T, out=Y)
+        w = widen(w, ws)     # float16 / int8 storage: widen once for BLAS (long prefill only)
+        np.matmul(blas_input(X, ws), w.T, out=Y)
         if bias.size:
             Y += bias
         if base is not None:
@@ -440,10 +312,10 @@ class Model:
             parallel  u = n1(x);  r = x + attn(u);  f = u
             post      r = n1(x + attn(x));  f = r"""
         a, lw, cfg = self.attn, self.layers[l], self.cfg
-        x, r, f = self.hidden[:S], self.residual[:S], self.ffn_in[:S]   # [S, D]
+        x, r, f = self.s.hidden[:S], self.s.residual[:S], self.s.ffn_in[:S]   # [S, D]
         xa = x
         if cfg.block != "post":
-            xa = self._xa[:S]
+            xa = self.s.xa[:S]
             self._norm(x, lw.attn_norm, lw.attn_norm_bias, xa)
         qkv = a.qkv[0, :S]                                           # [S, (H+2Hkv)·hd]
         self._linear(lw.qkv, lw.qkv_scale, xa, lw.qkv_bias, None, qkv)
@@ -451,9 +323,9 @@ class Model:
             K.head_rms_norm(qkv, lw.q_norm, lw.k_norm, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
         a.run(l)                                                     # [S, H·hd] into a.attn
         if lw.attn_out_norm.size:
-            t = self._t[:S]
+            t = self.s.t[:S]
             self._linear(lw.o, lw.o_scale, a.attn[0, :S], lw.o_bias, None, t)
-            self._norm(t, lw.attn_out_norm, self._none, t)
+            self._norm(t, lw.attn_out_norm, self.s.none, t)
             np.add(x, t, out=r)
         else:
             self._linear(lw.o, lw.o_scale, a.attn[0, :S], lw.o_bias, x, r)
@@ -470,10 +342,10 @@ class Model:
         output is normed before the residual add (Gemma-3), the down bias alone."""
         lw = self.layers[l]
         if lw.ffn_out_norm.size:
-            base = self._t[:S]
+            base = self.s.t[:S]
             base[:] = lw.ffn_bias_out if lw.ffn_bias_out.size else 0.0
             return base
-        r = self.residual[:S]
+        r = self.s.residual[:S]
         if lw.ffn_bias_out.size:
             r += lw.ffn_bias_out
         return r
@@ -481,38 +353,32 @@ class Model:
     def _ffn_done(self, l: int, S: int) -> None:
         """hidden[:S] holds base + FFN(f); finish the block (Gemma-3's out-norm and residual add,
         or the post-norm n2)."""
-        lw, x = self.layers[l], self.hidden[:S]
+        lw, x = self.layers[l], self.s.hidden[:S]
         if lw.ffn_out_norm.size:
-            self._norm(x, lw.ffn_out_norm, self._none, x)
-            x += self.residual[:S]
+            self._norm(x, lw.ffn_out_norm, self.s.none, x)
+            x += self.s.residual[:S]
         elif self.cfg.block == "post":
             self._norm(x, lw.ffn_norm, lw.ffn_norm_bias, x)
 
-    @staticmethod
-    def _rows(buf: np.ndarray, S: int, N: int) -> np.ndarray:
-        """A contiguous [S, N] view of a flat buffer."""
-        return buf[:S * N].reshape(S, N)
-
     def _predict_mask(self, l: int, fi: np.ndarray, h: np.ndarray) -> None:
         """BLAS prefill in predict mode: zero the exact h [S, N] of non-candidates, in place, and
-        recount the kept neurons per token into _kept_s."""
-        from .predictor import predicted_gate_up
+        recount the kept neurons per token into s.kept_s."""
         lw, S = self.layers[l], h.shape[0]
-        if self._wp is None:
-            self._wp = np.empty((self.cfg.ffn_dim, self.cfg.ffn_rows - 1, self.cfg.d_model), np.float32)
+        if self.s.wp is None:
+            self.s.wp = np.empty((self.cfg.ffn_dim, self.cfg.ffn_rows - 1, self.cfg.d_model), np.float32)
         Nl = lw.ffn.shape[0]
-        gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, fi, self._wp[:Nl])   # [S, N_l]
-        K.predict_mask(h, gp, self._rows(self._ones, S, Nl) if up is None else up, self.t_pred[l], self.act, self._cand_s[:S])
-        self._kept_s[:S] = np.count_nonzero(h, axis=1)
-        self.counts[l, 2] += int(self._cand_s[:S].sum())
+        gp, up = K.predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, fi, self.s.wp[:Nl])   # [S, N_l]
+        K.predict_mask(h, gp, self.s.rows(self.s.ones, S, Nl) if up is None else up, self.t_pred[l], self.act, self.s.cand_s[:S])
+        self.s.kept_s[:S] = np.count_nonzero(h, axis=1)
+        self.counts[l, 2] += int(self.s.cand_s[:S].sum())
 
     def _decode_step(self, token: int) -> None:
         cfg = self.cfg
         self.attn.set_position(self.pos, 1)
-        x = self.hidden[:1]             # [1, D]
+        x = self.s.hidden[:1]             # [1, D]
         self._tok[0] = token
         self._embed(self._tok, x)
-        f = self.ffn_in[:1]             # [1, D]
+        f = self.s.ffn_in[:1]             # [1, D]
         kept = rows = 0
         R = cfg.ffn_rows
         for l in range(cfg.n_layers):
@@ -525,13 +391,13 @@ class Model:
             t0 = time.perf_counter() if self.ffn_seconds is not None else 0.0
             if self.ffn_mode == "predict":
                 k, c = K.ffn_predict(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
-                                     t, self.act, x[0], self.h[l, :N], self._partial, self._kept, self._cand, self._order,
-                                     self._xb)
+                                     t, self.act, x[0], self.h[l, :N], self.s.partial, self.s.kept, self.s.cand, self.s.order,
+                                     self.s.xb)
                 rows += (R - 1) * c + k
                 self.counts[l, 2] += c
             else:
                 k = K.ffn_glu(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l, :N],
-                              self._partial, self._kept, mode, self._xb)
+                              self.s.partial, self.s.kept, mode, self.s.xb)
                 # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
                 rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
             if self.ffn_seconds is not None:
@@ -549,9 +415,9 @@ class Model:
         cfg = self.cfg
         S = tokens.size
         self.attn.set_position(self.pos, S)
-        x = self.hidden[:S]             # [S, D]
+        x = self.s.hidden[:S]             # [S, D]
         self._embed(tokens, x)
-        f = self.ffn_in[:S]
+        f = self.s.ffn_in[:S]
         R = cfg.ffn_rows
         for l in range(cfg.n_layers):
             self._willneed(l + 1)
@@ -560,42 +426,42 @@ class Model:
             lw = self.layers[l]
             w = lw.ffn
             N = w.shape[0]
-            g, u = self._rows(self._g, S, N), self._rows(self._u, S, N)   # [S, N_l]
+            g, u = self.s.rows(self.s.g, S, N), self.s.rows(self.s.u, S, N)   # [S, N_l]
             fi, t, mode = self._ffn_input(l, f)
             predict = self.ffn_mode == "predict"
             if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
                 if predict:
                     k, c = K.ffn_predict_batch(w, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi, base, self.t_pred[l],
-                                               t, self.act, x, g, self._partial_s, self._kept, self._cand, self._order,
-                                               self._xb)
+                                               t, self.act, x, g, self.s.partial_s, self.s.kept, self.s.cand, self.s.order,
+                                               self.s.xb)
                     self.counts[l, 2] += c
                 else:
-                    k = K.ffn_glu_batch(w, lw.ffn_scale, lw.ffn_bias_in, fi, base, t, self.act, x, g, self._partial_s,
-                                        self._kept, mode, self._xb)
+                    k = K.ffn_glu_batch(w, lw.ffn_scale, lw.ffn_bias_in, fi, base, t, self.act, x, g, self.s.partial_s,
+                                        self.s.kept, mode, self.s.xb)
                 self._ffn_done(l, S)
                 self._count(l, k, S)
                 continue
-            w = _widen(w, lw.ffn_scale)     # float16 / int8 storage: widen this layer once for BLAS
+            w = widen(w, lw.ffn_scale)     # float16 / int8 storage: widen this layer once for BLAS
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
             # neuron-major file (lda = R·D) and applies the same threshold rule as decode.
-            fr = _blas_input(fi, lw.ffn_scale)      # as the kernels' gate and up take it
+            fr = blas_input(fi, lw.ffn_scale)      # as the kernels' gate and up take it
             np.matmul(fr, w[:, 0, :].T, out=g)
             if R == 3:
                 np.matmul(fr, w[:, 1, :].T, out=u)
             else:
-                u = self._rows(self._ones, S, N)
+                u = self.s.rows(self.s.ones, S, N)
             if lw.ffn_bias_in.size:
                 g += lw.ffn_bias_in[:, 0]
                 if R == 3:
                     u += lw.ffn_bias_in[:, 1]
             if self.observer is not None:
                 self.observer(l, f, g, u)   # calibration: pre-threshold FFN input, gate, up
-            K.glu_threshold(g, u, t, self.act, self._kept_s[:S], mode)
+            K.glu_threshold(g, u, t, self.act, self.s.kept_s[:S], mode)
             if predict:
                 self._predict_mask(l, fi, g)
-            self._count(l, int(self._kept_s[:S].sum()), S)
+            self._count(l, int(self.s.kept_s[:S].sum()), S)
             np.matmul(g, w[:, R - 1, :], out=x)
             x += base
             self._ffn_done(l, S)
@@ -608,11 +474,3 @@ def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     out = np.empty(targets.size, np.float64)
     K.nll_rows(logits, np.ascontiguousarray(targets, np.int64), out)
     return out
-
-
-def _limit_blas(threads: int):
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it BLAS uses its own default thread count
-        return None
-    return threadpool_limits(limits=threads, user_api="blas")

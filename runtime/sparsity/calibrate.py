@@ -7,7 +7,7 @@ P(|value| < t) = q on the calibration text. Methods:
     gate   |act(gate.x)|                    CATS
     input  |x_k|, x the FFN input           TEAL
 All three come from the same forward pass, so one calibration stores all three tables. With a
-predictor (runtime/predictor.py) the same pass also tabulates |h^|, its predicted |h| ("predicted"),
+predictor (predictor.py) the same pass also tabulates |h^|, its predicted |h| ("predicted"),
 whose percentiles are the candidate thresholds t_pred.
 
 One level for every layer, as in the paper. Tried on SmolLM2-135M (predict mode, WikiText-2 test
@@ -27,10 +27,11 @@ from __future__ import annotations
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
+from edgesparse.progress import Progress
 
-from .progress import Progress
+from .. import kernels as K
+from .levels import LEVELS
 
-LEVELS = tuple(round(0.1 * i, 1) for i in range(10))      # 0.0 .. 0.9
 METHODS = ("paper", "gate", "input")
 LOG_LO, LOG_HI, BINS = -10.0, 4.0, 2048
 COMPACT = 64
@@ -84,8 +85,6 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
     dump: optional callable(layer, token_offset, h [S, N]) receiving the dense neuron outputs.
     predictor: optional list per layer of (pq, ps) int8 predictor arrays to tabulate |h^| for."""
     from .textdata import token_windows
-    from . import kernels as K
-    from .predictor import predicted_gate_up
     if window <= 64:
         raise EdgesparseError(f"calibration window {window}: must be more than 64 tokens")
     if tokens < window:
@@ -108,7 +107,7 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         if predictor is not None:
             lw = model.layers[layer]
             wp = np.empty((g.shape[1], lw.ffn.shape[1] - 1, f.shape[1]), np.float32)     # [N, R-1, D]
-            gp, up = predicted_gate_up(*predictor[layer], lw.ffn_bias_in, f, wp)        # [S, N]
+            gp, up = K.predicted_gate_up(*predictor[layer], lw.ffn_bias_in, f, wp)        # [S, N]
             K.activation(gp, act, gp)
             hist["predicted"].add(layer, gp if up is None else gp * up)
         if dump is not None:
@@ -144,17 +143,3 @@ def run_dense(model, windows, observe, what: str, progress: bool = True) -> None
         model.observer = None
         model.set_thresholds(saved[0], saved[1])
         model.ffn_mode = saved[2]
-
-
-def thresholds_for(sparsity: dict, method: str, level: float) -> list[float]:
-    """The calibrated per-layer thresholds for (method, target sparsity) from a manifest's table."""
-    cal = sparsity.get("calibration")
-    if not cal:
-        raise EdgesparseError("this package is not calibrated: run `edgesparse calibrate PKG --text ...` first")
-    if method not in cal["thresholds"]:
-        raise EdgesparseError(f"method {method!r} was not calibrated (have {sorted(cal['thresholds'])})")
-    levels = cal["levels"]
-    for i, q in enumerate(levels):
-        if abs(q - level) < 1e-9:
-            return cal["thresholds"][method][i]
-    raise EdgesparseError(f"sparsity {level}: not a calibrated level (calibrated: {levels})")

@@ -1,4 +1,6 @@
-"""Figures for calibrate/eval (the paper's): matplotlib is optional ([plots] extra)."""
+"""Figures of result dicts: eval's (the paper's), analyze's and its per-layer cost, bench's and
+positions'. They draw what the sparsity and measurement code computed, from plain dicts, so neither
+imports the other for a figure. matplotlib is optional ([plots] extra): without it, no figures."""
 
 from __future__ import annotations
 
@@ -104,3 +106,54 @@ def eval_figures(res: dict, sparsity: dict, out: Path, title: str) -> list[Path]
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
+
+
+def analyze_figures(res: dict, out, title: str) -> list:
+    """analyze.png: recall and precision of each predictor, and pattern overlap, per layer."""
+    plt = _plt()
+    if plt is None:
+        return []
+    rows = res["per_layer"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in ("previous_token", "static", "prompt_set", "previous_layer", "int8_predictor"):
+        pts = [(r["layer"], r[name]["recall"], r[name]["precision"]) for r in rows if name in r]
+        if pts:
+            ls, rc, pr = zip(*pts)
+            axes[0].plot(ls, rc, marker=".", label=name)
+            axes[1].plot(ls, pr, marker=".", label=name)
+    axes[0].set_title("recall of the active set")
+    axes[1].set_title("precision")
+    ls = [r["layer"] for r in rows]
+    for k, lab in (("consecutive_jaccard", "consecutive tokens"), ("random_pair_jaccard", "random token pairs"),
+                   ("similar_chunk_jaccard", "similar chunks"), ("random_chunk_jaccard", "random chunks")):
+        axes[2].plot(ls, [r[k] for r in rows], marker=".", label=lab)
+    axes[2].set_title("pattern overlap (Jaccard)")
+    for ax in axes:
+        ax.set_ylim(0, 1)
+    return save_per_layer(plt, fig, axes, f"{title}: which neurons fire, how predictable ({res['tokens']} tokens)",
+                          out / "analyze.png")
+
+
+def layer_cost_figure(cost: dict, out, title: str) -> list:
+    """analyze_cost.png: the FFN kernel time per layer, predictor pass vs rows, and what predict reads."""
+    plt = _plt()
+    if plt is None:
+        return []
+    rows = cost["per_layer"]
+    ls = np.array([r["layer"] for r in rows])
+    pred = np.array([r["predictor_ms"] for r in rows])
+    rest = np.maximum(np.array([r["predict_ms"] for r in rows]) - pred, 0.0)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].bar(ls, pred, label="predictor pass")
+    axes[0].bar(ls, rest, bottom=pred, label="candidates' rows (predict)")
+    axes[0].plot(ls, [r["dense_ms"] for r in rows], "k.-", label="dense FFN")
+    axes[0].set_ylabel("ms per token")
+    axes[0].set_title("FFN kernel time per layer")
+    axes[1].plot(ls, [100 * r["candidates"] for r in rows], marker=".", label="candidates")
+    axes[1].plot(ls, [100 * r["survivors"] for r in rows], marker=".", label="survivors")
+    axes[1].plot(ls, [100 * r["rows_read_fraction"] for r in rows], marker=".", label="rows read")
+    axes[1].set_ylabel("% of the layer's neurons / rows")
+    axes[1].set_ylim(0, 100)
+    axes[1].set_title("what predict mode reads")
+    return save_per_layer(plt, fig, axes, f"{title}: FFN per layer at {cost['level']:.0%}, {cost['threads']} thread(s)",
+                          out / "analyze_cost.png")

