@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-from .args import ints, levels
+from .args import HelpFormatter, ints, levels, output_dir
 
 
 def bench(a: argparse.Namespace) -> int:
@@ -48,7 +48,7 @@ def bench(a: argparse.Namespace) -> int:
             raise EdgesparseError(f"--ram-budget: expected a positive number of MB, got {a.ram_budget}")
         from edgesparse.runtime.measure.residency import check_budget
         check_budget(pkg.manifest, int(a.ram_budget * 2**20), "predict" in ffns and any(sparsities))
-    out = Path(a.output)
+    out = output_dir(a.output)
     # each configuration's thresholds, as data for the workers
     settings = partial(level_settings, pkg.manifest.sparsity, pkg.config.n_layers)
     if a.positions:
@@ -94,28 +94,32 @@ def _prepare_engines(engines: list[str], pkg, cache: Path, gguf: str | None, log
 
 
 def add_parsers(sub) -> None:
-    b = sub.add_parser("bench", help="decode speed and memory, configurations side by side")
-    b.add_argument("package")
-    b.add_argument("--sparsity", default="0", help="comma-separated calibrated levels (default 0 = dense)")
+    b = sub.add_parser("bench", help="decode speed and memory, configurations side by side",
+                       formatter_class=HelpFormatter, description="Decode speed and memory of a package, each "
+                       "configuration (ffn mode x sparsity x threads) in fresh processes, alternating over rounds; "
+                       "bench.json, bench.md and bench.png in -o.")
+    b.add_argument("package", help="package directory (from `edgesparse export`)")
+    b.add_argument("--sparsity", default="0", help="comma-separated calibrated levels (0 = dense)")
     b.add_argument("--ffn", default="threshold", help="comma-separated FFN modes: threshold, predict, dense")
     b.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma-separated thread counts")
-    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--prompt-tokens", type=int, default=32, help="tokens of the fixed pseudo-random prompt")
     b.add_argument("--gen-tokens", type=int, default=128, help="decode steps (per position with --positions)")
-    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=3, help="runs of every configuration; medians are reported")
     b.add_argument("--against", default="", metavar="ENGINES",
                    help="also run the package's source model with: ort, transformers (need [export]), llama.cpp")
     b.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
     b.add_argument("--against-cache", metavar="DIR",
                    help="where --against keeps its exports (default: edgesparse-against/ beside -o)")
     b.add_argument("--load", default="mmap", metavar="mmap,ram",
-                   help="comma-separated: how the weights are loaded (see run --load; default mmap)")
+                   help="comma-separated: how the weights are loaded (see run --load)")
     b.add_argument("--ram-budget", type=float, metavar="MB",
                    help="also run every configuration with the resident weights kept under MB (cold FFN rows released)")
     b.add_argument("--positions", metavar="P,P,...",
                    help="instead: per-token latency at these positions, e.g. 32,128,512,1000,2000")
     b.add_argument("--project", metavar="BOARD",
                    help="projected tok/s on BOARD (devices/profiles/BOARD.json or a profile path): bandwidth / bytes")
-    b.add_argument("-o", "--output", default="edgesparse-bench")
-    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-o", "--output", default="edgesparse-bench",
+                   help="directory for bench.json, bench.md, bench.png (or positions.*); made before any run")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(fn=bench)
 

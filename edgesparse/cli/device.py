@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-from .args import levels
+from .args import HelpFormatter, levels, output_file
 
 
 def run(a: argparse.Namespace) -> int:
@@ -21,6 +21,12 @@ def run(a: argparse.Namespace) -> int:
 
     if a.tokens < 1:
         raise EdgesparseError(f"-n/--tokens: expected a positive integer, got {a.tokens}")
+    try:        # the shell hands undecodable bytes over as surrogates; the tokenizer takes UTF-8 only
+        a.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgesparseError(f"-p/--prompt: not valid UTF-8 (byte {e.start} of the prompt); "
+                              "expected UTF-8 text") from None
+    stats_json = output_file(a.stats_json, "--stats-json") if a.stats_json else None
     sampler = Sampler(a.temperature, a.top_p, a.seed)
     model = Model(a.package, ctx=a.ctx, threads=a.threads, verify=a.verify, load=a.load)
     level = None if a.sparsity is None else levels(str(a.sparsity), "--sparsity")[0]
@@ -46,11 +52,14 @@ def run(a: argparse.Namespace) -> int:
     _, stats = generate(model, ids, a.tokens, sampler, on_token)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if stats.stop == "context":
+        print(f"edgesparse: stopped after {stats.generated_tokens} tokens: the context of {model.ctx} tokens is "
+              f"full (raise --ctx, up to {model.cfg.max_position})", file=sys.stderr)
     if a.stats:
         for line in stats.lines():
             print(line, file=sys.stderr)
-    if a.stats_json:
-        Path(a.stats_json).write_text(json.dumps(stats.to_json(), indent=1) + "\n")
+    if stats_json:
+        stats_json.write_text(json.dumps(stats.to_json(), indent=1) + "\n")
     return 0
 
 
@@ -66,17 +75,21 @@ def verify(a: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    r = sub.add_parser("run", help="generate text from a package (device)")
-    r.add_argument("package")
-    r.add_argument("-p", "--prompt", required=True)
-    r.add_argument("-n", "--tokens", type=int, default=64, help="max new tokens (default 64)")
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
+    r = sub.add_parser("run", help="generate text from a package (device)", formatter_class=HelpFormatter,
+                       description="Generate text from a package. Stops after -n tokens, at EOS, or when the "
+                                   "context (--ctx) is full (said on stderr).")
+    r.add_argument("package", help="package directory (from `edgesparse export`)")
+    r.add_argument("-p", "--prompt", required=True, help="the prompt text (UTF-8)")
+    r.add_argument("-n", "--tokens", type=int, default=64, help="max new tokens")
+    r.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                           "with this much probability (1 = all)")
+    r.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one)")
     r.add_argument("--chat", action="store_true", help="apply the model's chat template")
     r.add_argument("--threads", type=int, default=None, help="ORT and Numba threads (default: all cores)")
     r.add_argument("--ctx", type=int, default=None, help="context length to allocate (default 2048)")
-    r.add_argument("--stats", action="store_true", help="print timing, RSS and FFN rows read to stderr")
+    r.add_argument("--stats", action="store_true", help="print timing, RSS, FFN rows read and why generation "
+                                                         "stopped (-n, EOS or a full context) to stderr")
     r.add_argument("--stats-json", metavar="FILE", help="write the same statistics as JSON")
     r.add_argument("--verify", action="store_true", help="check every file's sha256 before loading")
     r.add_argument("--load", default="mmap", choices=["mmap", "ram"],
@@ -88,6 +101,7 @@ def add_parsers(sub) -> None:
                         "picks the rows to read)")
     r.set_defaults(fn=run)
 
-    v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes")
-    v.add_argument("package")
+    v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes",
+                       formatter_class=HelpFormatter)
+    v.add_argument("package", help="package directory")
     v.set_defaults(fn=verify)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-from .args import levels, text_command
+from .args import levels, output_dir, text_command
 
 
 def calibrate(a: argparse.Namespace) -> int:
@@ -104,6 +104,7 @@ def evaluate(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"--ctx: expected at least 2 tokens, got {a.ctx}")
     if a.windows is not None and a.windows < 1:
         raise EdgesparseError(f"--windows: expected a positive integer, got {a.windows}")
+    out = output_dir(a.output)
     model = Model(a.package, threads=a.threads, ctx=a.ctx, max_batch=a.ctx)
     if a.ctx > model.cfg.max_position:
         raise EdgesparseError(f"--ctx {a.ctx}: longer than the model's context ({model.cfg.max_position}); "
@@ -138,7 +139,6 @@ def evaluate(a: argparse.Namespace) -> int:
         res["against"] = {"engine": "llama.cpp", "gguf": str(gguf), "size_bytes": gguf.stat().st_size,
                           "perplexity": against.llama_cpp_perplexity(str(gguf), windows, model.threads, bar)}
     res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads
-    out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
     md = table(res)
@@ -189,6 +189,7 @@ def analyze(a: argparse.Namespace) -> int:
     from edgesparse.runtime.sparsity.textdata import load_text, token_windows
 
     level = levels(str(a.sparsity), "--sparsity")[0]
+    out = output_dir(a.output)
     model = Model(a.package, threads=a.threads, ctx=512, max_batch=512, load=a.load)
     window = model.ctx        # 512 tokens, or the whole context of a model with a shorter one
     analyze.check_tokens(a.tokens, window)
@@ -205,7 +206,6 @@ def analyze(a: argparse.Namespace) -> int:
         res["cost"] = layer_cost.measure(model, windows.ravel(), level, progress=not a.quiet)
         md += "\n\n" + layer_cost.table(res["cost"])
     res.update(text=desc, level=level, seconds=time.perf_counter() - t0)
-    out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "analyze.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "analyze.md").write_text(md + "\n")
@@ -220,17 +220,18 @@ def analyze(a: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     c = text_command(sub, "calibrate", "calibrate per-layer sparsity thresholds on text", "validation", calibrate)
-    c.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    c.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     c.add_argument("--method", default="paper", help="active method: paper (|h|), gate (CATS), input (TEAL)")
-    c.add_argument("--target", default="0.5", help="active target sparsity (default 0.5)")
+    c.add_argument("--target", default="0.5", help="active target sparsity")
     c.add_argument("--dump", metavar="FILE.h5", help="write the dense activations h[layer, token, neuron]")
     c.add_argument("--predictor", action="store_true",
                    help="also build the activation predictor (int8 gate/up rows) and calibrate its thresholds")
 
     ev = text_command(sub, "eval", "perplexity vs sparsity with the runtime", "test", evaluate)
-    ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
+    ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
     ev.add_argument("--windows", type=int, default=None, help="use the first N windows (default: all)")
-    ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                    help="comma-separated calibrated target sparsities to evaluate (0 = dense)")
     ev.add_argument("--methods", default=None,
                     help="comma-separated: paper, gate, input, predict (default: every calibrated one)")
     ev.add_argument("--against", metavar="llama.cpp", help="also llama.cpp's perplexity on the same windows")
@@ -239,8 +240,8 @@ def add_parsers(sub) -> None:
 
     an = text_command(sub, "analyze", "how predictable the active neurons are (per layer, JSON and plots)", "test",
                        analyze)
-    an.add_argument("--tokens", type=int, default=4096, help="tokens to study (default 4096)")
-    an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active' (default 0.5)")
+    an.add_argument("--tokens", type=int, default=4096, help="tokens to study")
+    an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active'")
     an.add_argument("--load", default="mmap", metavar="mmap|ram",
                     help="how the weights are loaded for the per-layer cost (see run --load)")
     an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plots")
@@ -249,8 +250,8 @@ def add_parsers(sub) -> None:
                        "validation", prune)
     pr.add_argument("-o", "--output", required=True, help="pruned package directory to create")
     pr.add_argument("--max-rate", type=float, default=0.01,
-                    help="drop neurons active on fewer than this fraction of tokens (default 0.01)")
-    pr.add_argument("--level", default="0.5", help="calibrated level whose thresholds define 'active' (default 0.5)")
-    pr.add_argument("--tokens", type=int, default=16384, help="tokens to count activity on (default 16384)")
+                    help="drop neurons active on fewer than this fraction of tokens")
+    pr.add_argument("--level", default="0.5", help="calibrated level whose thresholds define 'active'")
+    pr.add_argument("--tokens", type=int, default=16384, help="tokens to count activity on")
     pr.add_argument("--force", action="store_true", help="replace an existing output directory")
 

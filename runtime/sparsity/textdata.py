@@ -46,7 +46,10 @@ def load_text(spec: str, split: str) -> tuple[str, str]:
         if not p.is_file():
             raise EdgesparseError(f"--text {spec}: not a file")
         return _read(p), str(p)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if p.suffix or spec.startswith((".", "/")) or p.parent.is_dir():
+        # a path (data/calib.txt, ./x, a file in an existing directory): not a dataset id
+        raise EdgesparseError(f"--text {spec}: no such file")
+    if spec.count("/") == 1:
         return _hub_text(spec, split), f"hub:{spec}:{split}"
     raise EdgesparseError(f"--text {spec}: no such file (expected a text file, 'wikitext2', or a hub dataset id)")
 
