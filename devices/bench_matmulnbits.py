@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from edgesparse.quant import dequantize, round_activations
     from edgesparse.runtime import kernels as K
-    from edgesparse.runtime.model import Model
-    from edgesparse.runtime.attention import session_options
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.attention import session_options
 
     m = Model(a.package, threads=1, ctx=8)
     dtype = m.pkg.manifest.exporter.get("dtype")

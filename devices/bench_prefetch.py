@@ -22,10 +22,11 @@ import time
 
 def worker(pkg: str, ffn: str, prefetch: bool, tokens: int) -> dict:
     import numpy as np
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.sparsity.levels import configure
     t0 = time.perf_counter()
     m = Model(pkg, threads=os.cpu_count(), ctx=64, prefetch=prefetch)
-    m.configure(ffn, None if ffn != "dense" else 0.0)
+    configure(m, ffn, None if ffn != "dense" else 0.0)
     logits = m.forward(np.arange(100, 108))
     first = time.perf_counter() - t0
     lat = []

@@ -83,7 +83,7 @@ def measure(model, threads: int, rounds: int, load: str = "mmap") -> dict:
 
 def main(argv=None) -> int:
     from edgesparse.errors import EdgesparseError
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("package")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")

@@ -1,5 +1,5 @@
 """Quantized storage: how int8 and int4 weights are encoded, and back (NumPy only; the Numba
-kernels in runtime/kernels.py read the same encodings without widening).
+kernels in runtime/kernels/ read the same encodings without widening).
 
 int8   symmetric; rows whose length is a multiple of 32 in groups of 32 with one float16 scale
        each, as llama.cpp's Q8_0:
@@ -28,7 +28,7 @@ The manifest names the scale tensor NAME.scale; the logical shape of an int4 ten
 unpacked [..., D] (docs/FORMAT.md).
 
 Activations: rows stored in groups of 32 are multiplied with their input rounded to int8 per block
-of 32, as llama.cpp multiplies Q4_0 / Q8_0 weights (runtime/kernels.py says why):
+of 32, as llama.cpp multiplies Q4_0 / Q8_0 weights (runtime/kernels/grouped.py says why):
     dx = max|x in block| / 127 (float32);  qx = rint(x / dx) (int8; 0 where dx = 0);  x ~ qx * dx
 round_activations is that rounding in NumPy, for the BLAS paths and the tests; the kernels'
 quantize_activations performs the same float32 operations.

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from edgesparse.runtime.textdata import load_text, token_windows
+from edgesparse.runtime.sparsity.textdata import load_text, token_windows
 
 TOKENS = 8192       # 16 windows of 512: the ranking of channels is stable well before this
 WINDOW = 512

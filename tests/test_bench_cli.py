@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from edgesparse.cli import main
-from edgesparse.runtime import residency, roofline
-from edgesparse.runtime.package import Package
+from edgesparse.runtime.measure import residency, roofline
+from edgesparse.runtime.core.package import Package
 
 SMALL = ["--threads", "1", "--gen-tokens", "4", "--prompt-tokens", "4", "--rounds", "1", "-q"]
 

@@ -124,8 +124,8 @@ def test_bench_stream(tiny_llama_pkg, tmp_path):
 
     import numpy as np
 
-    from edgesparse.runtime.bench import bytes_per_token
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.measure.bench import bytes_per_token
+    from edgesparse.runtime.core.model import Model
     r = sh(sys.executable, ROOT / "devices" / "bench_stream.py", tiny_llama_pkg, "--threads", "1,2", "--rounds", "2",
            "-o", tmp_path / "s.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

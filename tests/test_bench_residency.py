@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.runtime import residency
-from edgesparse.runtime.model import Model
-from edgesparse.runtime.residency import PAGE, Residency
+from edgesparse.runtime.measure import residency
+from edgesparse.runtime.core.model import Model
+from edgesparse.runtime.measure.residency import PAGE, Residency
+from edgesparse.runtime.sparsity.levels import configure
 
 PAGES = 64
 
@@ -108,9 +109,9 @@ def synced_pkg(tiny_llama_pkg, tmp_path):
 
 def test_budget_releases_the_coldest_ffn_rows(synced_pkg, tiny_llama_pkg):
     m = Model(synced_pkg, ctx=64, threads=1)
-    m.configure("dense", 0.0)
+    configure(m, "dense", 0.0)
     ref = Model(tiny_llama_pkg, ctx=64, threads=1)     # the same weights in other files
-    ref.configure("dense", 0.0)
+    configure(ref, "dense", 0.0)
     res = Residency(m, 1 << 40)              # no pressure: nothing is released after the cold start
     try:
         regions = res.regions
@@ -156,7 +157,7 @@ def test_budget_releases_the_coldest_ffn_rows(synced_pkg, tiny_llama_pkg):
 
 def test_step_marks_the_neurons_the_step_used(synced_pkg):
     m = Model(synced_pkg, ctx=64, threads=1)
-    m.configure("dense", 0.0)
+    configure(m, "dense", 0.0)
     m.forward([5, 6, 7])
     res = Residency(m, 1 << 40)
     try:

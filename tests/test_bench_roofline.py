@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.runtime import boards, roofline
+from edgesparse.runtime.measure import boards, roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT / "devices" / "profiles").glob("*.json"))

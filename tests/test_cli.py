@@ -88,8 +88,8 @@ def test_chat_template_renders_like_transformers(capsys, tiny_llama_pkg, tiny_ll
     from transformers import AutoTokenizer
 
     from edgesparse.format import write_manifest_atomic
-    from edgesparse.runtime.package import Package
-    from edgesparse.runtime.text import TextCodec
+    from edgesparse.runtime.core.package import Package
+    from edgesparse.runtime.core.text import TextCodec
     pkg = tmp_path / "chat.esp"
     shutil.copytree(tiny_llama_pkg, pkg)
     write_manifest_atomic(pkg, dataclasses.replace(read_manifest(pkg), chat_template=TEMPLATE))

@@ -17,9 +17,13 @@ FORBIDDEN = ("torch", "transformers", "optimum", "onnx", "gguf", "accelerate")
 FORBIDDEN_EDGESPARSE = "edgesparse.export"
 
 DEVICE_SCRIPT = r"""
-import json, sys
-import edgesparse, edgesparse.runtime, edgesparse.runtime.model, edgesparse.cli
-from edgesparse.runtime.model import Model
+import importlib, json, pkgutil, sys
+import edgesparse, edgesparse.runtime, edgesparse.cli
+from edgesparse.runtime.core.model import Model
+# every device-side module, imported: the rooms (core, kernels, sparsity, measure) and the CLI
+for pkg in (edgesparse.runtime, edgesparse.cli):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(info.name)
 pkg = sys.argv[1]
 m = Model(pkg, ctx=32)
 m.forward([5, 6, 7])
@@ -53,7 +57,9 @@ def test_runtime_and_cli_run_without_workstation_modules(tiny_llama_pkg, tmp_pat
     generated = lines[0].split()
     assert len(generated) == 3 and all(w.startswith("w") for w in generated), lines[0]
     mods = json.loads(lines[1])
-    assert "edgesparse.runtime.model" in mods and "onnxruntime" in mods and "numba" in mods
+    assert "edgesparse.runtime.core.model" in mods and "onnxruntime" in mods and "numba" in mods
+    assert {"edgesparse.runtime.sparsity.calibrate", "edgesparse.runtime.measure.bench",
+            "edgesparse.runtime.kernels.ffn", "edgesparse.cli.bench"} <= set(mods)
     bad = forbidden_modules(mods)
     assert bad == [], f"device side imported {bad}"
 
@@ -99,9 +105,22 @@ def test_module_level_imports_helper():
 DEVICE_DIRS = {"edgesparse": "edgesparse", "runtime": "edgesparse.runtime"}
 
 
+def package_of(path: str) -> str:
+    """The package a device-side file's relative imports start from: runtime/core/model.py ->
+    edgesparse.runtime.core (an __init__.py is its own package)."""
+    top, *rest = path.split("/")
+    return ".".join([DEVICE_DIRS[top]] + rest[:-1])
+
+
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for d in DEVICE_DIRS
-                                        for p in (ROOT / d).glob("*.py")))
+                                        for p in (ROOT / d).rglob("*.py")))
 def test_no_module_level_workstation_imports(path):
-    pkg = DEVICE_DIRS[path.split("/")[0]]
-    bad = forbidden_modules(module_level_imports((ROOT / path).read_text(), pkg))
+    bad = forbidden_modules(module_level_imports((ROOT / path).read_text(), package_of(path)))
     assert bad == [], f"{path} imports {bad} at module level"
+
+
+def test_package_of():
+    assert package_of("runtime/core/model.py") == "edgesparse.runtime.core"
+    assert package_of("runtime/kernels/__init__.py") == "edgesparse.runtime.kernels"
+    assert package_of("edgesparse/cli/bench.py") == "edgesparse.cli"
+    assert package_of("edgesparse/format.py") == "edgesparse"

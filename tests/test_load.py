@@ -11,8 +11,8 @@ import pytest
 
 from edgesparse.cli import main
 from edgesparse.errors import EdgesparseError, PackageError
-from edgesparse.runtime.model import Model
-from edgesparse.runtime.package import Package
+from edgesparse.runtime.core.model import Model
+from edgesparse.runtime.core.package import Package
 
 
 def _mapped_files() -> set[str]:
@@ -58,7 +58,7 @@ def test_ram_load_leaves_no_file_mapping(tiny_llama_pkg, tmp_path):
 
 
 def test_ram_load_refuses_a_ram_budget_and_bad_values(tiny_llama_pkg, capsys):
-    from edgesparse.runtime.residency import Residency
+    from edgesparse.runtime.measure.residency import Residency
     m = Model(tiny_llama_pkg, ctx=64, load="ram")
     with pytest.raises(EdgesparseError, match="--load mmap"):
         Residency(m, 1 << 30)

@@ -32,9 +32,9 @@ def calibrated(tiny_llama_pkg, tmp_path_factory):
 def test_prune_drops_rarely_active_neurons(calibrated, tiny_hf, tmp_path, capsys):
     import torch
     from edgesparse.cli import main
-    from edgesparse.runtime.calibrate import thresholds_for
-    from edgesparse.runtime.model import Model
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.sparsity.levels import configure, thresholds_for
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.package import Package
     pkg, text, words = calibrated
     src = Package(pkg)
     t = thresholds_for(src.manifest.sparsity, "paper", 0.5)
@@ -100,7 +100,7 @@ def test_prune_drops_rarely_active_neurons(calibrated, tiny_hf, tmp_path, capsys
     assert d < 2e-5
     # the other modes run on the pruned package (per-layer neuron counts)
     m.reset()
-    m.configure("predict", 0.5)
+    configure(m, "predict", 0.5)
     m.forward(ids[:70])
     m.forward([1])
     assert np.isfinite(m.logits).all()

@@ -99,7 +99,7 @@ def case(request, tiny_model_factory, tmp_path_factory, randomize):
 
 
 def test_quantized_package_layout(case):
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.package import Package
     name, _, pkg = case
     p = Package(pkg)
     ffn, sc = p.tensor("layers.0.ffn"), p.tensor("layers.0.ffn.scale")
@@ -125,7 +125,7 @@ def test_quantized_package_layout(case):
 
 def test_quantized_logits_match_the_quantized_model(case):
     import torch
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     name, hf, pkg = case
     for S in (40, 90):     # the Numba kernels (quantized loads) and the BLAS path (widened per layer)
         ids = np.random.default_rng(0).integers(3, 211, S)
@@ -146,9 +146,9 @@ def test_quantized_thresholded_and_predict_modes_run(case, tmp_path):
     and at t = 0 / t_pred = 0 both modes are the dense int8 model."""
     import shutil
     from edgesparse.quant import dequantize
-    from edgesparse.runtime import predictor
-    from edgesparse.runtime.model import Model
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.sparsity import predictor
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.package import Package
     name, _, pkg = case
     dst = tmp_path / "p"
     shutil.copytree(pkg, dst)
@@ -250,7 +250,7 @@ def test_grouped_kernels_without_vnni(tmp_path):
     import subprocess
     import sys
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
-    code = ("from edgesparse.runtime import kernels as K; assert not K._VNNI; import pytest, sys; "
+    code = ("from edgesparse.runtime.kernels import grouped as K; assert not K._VNNI; import pytest, sys; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--import-mode=importlib', "
             f"r'{__file__}', '-k', 'kernels_vs_numpy and (int4 or int8g)']))")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
@@ -318,7 +318,7 @@ def test_int4_manifest_errors_name_the_tensor(int4_pkg, tmp_path, edit, msg):
     import json
     import shutil
     from edgesparse.errors import PackageError
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.package import Package
     dst = tmp_path / "bad.esp"
     shutil.copytree(int4_pkg, dst)
     m = json.loads((dst / "manifest.json").read_text())
@@ -371,8 +371,8 @@ def test_int4_export_with_calibration_text(tiny_llama_dir, tmp_path):
     import transformers
     from edgesparse.export import export
     from edgesparse.quant import dequantize
-    from edgesparse.runtime.model import Model
-    from edgesparse.runtime.package import Package
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.package import Package
     rng = np.random.default_rng(3)
     text = tmp_path / "cal.txt"
     text.write_text(" ".join(f"w{i}" for i in rng.integers(3, 211, 3000)))
@@ -442,6 +442,6 @@ def test_int4_importance_names_and_shapes_every_family(family, tiny_model_factor
     x = torch.cat(seen)
     np.testing.assert_allclose(imp["layers.0.ffn"][0], (x * x).mean(0).float().numpy(), rtol=1e-5)
     pkg = export(str(d), tmp_path / "m.esp", dtype="int4", head_dtype="int4", progress=False, calibrate=str(text))
-    from edgesparse.runtime.model import Model
+    from edgesparse.runtime.core.model import Model
     out = Model(pkg, ctx=64).forward([5, 6, 7, 8])
     assert np.all(np.isfinite(out)) and "cal.txt" in desc

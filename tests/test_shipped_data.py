@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.runtime.textdata import WIKITEXT, load_text
+from edgesparse.runtime.sparsity.textdata import WIKITEXT, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 # The published raw files (sizes and hashes from the WikiText-2 raw release, LF line endings).

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from edgesparse.cli import main
-from edgesparse.runtime.model import Model
-from edgesparse.runtime.package import Package
-from edgesparse.runtime.text import TextCodec
+from edgesparse.runtime.core.model import Model
+from edgesparse.runtime.core.package import Package
+from edgesparse.runtime.core.text import TextCodec
 
 pytestmark = pytest.mark.slow
 

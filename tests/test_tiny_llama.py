@@ -25,9 +25,9 @@ import torch
 
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import read_manifest, write_manifest_atomic
-from edgesparse.runtime.generate import generate
-from edgesparse.runtime.model import SMALL_BATCH, Model
-from edgesparse.runtime.sampling import Sampler
+from edgesparse.runtime.core.generate import generate
+from edgesparse.runtime.core.model import SMALL_BATCH, Model
+from edgesparse.runtime.core.sampling import Sampler
 
 LOGIT_TOL = 2e-5
 

@@ -82,9 +82,9 @@ def logits(ref_dir: Path) -> int:
     import numba
     import onnxruntime
 
-    from edgesparse.runtime.generate import generate
-    from edgesparse.runtime.model import SMALL_BATCH, Model
-    from edgesparse.runtime.sampling import Sampler
+    from edgesparse.runtime.core.generate import generate
+    from edgesparse.runtime.core.model import SMALL_BATCH, Model
+    from edgesparse.runtime.core.sampling import Sampler
 
     print(f"numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads), onnxruntime "
           f"{onnxruntime.__version__}, numpy {np.__version__}", flush=True)

@@ -1,0 +1,257 @@
+"""The sparsity commands: calibrate, eval, analyze, prune: a package run over text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgesparse.errors import EdgesparseError
+
+from .args import levels, output_dir, text_command
+
+
+def calibrate(a: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from edgesparse.format import write_manifest_atomic
+    from edgesparse.runtime.sparsity import predictor
+    from edgesparse.runtime.sparsity.calibrate import calibrate
+    from edgesparse.runtime.sparsity.levels import LEVELS, thresholds_for
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.text import TextCodec
+    from edgesparse.runtime.sparsity.textdata import load_text
+
+    if a.method not in ("paper", "gate", "input"):
+        raise EdgesparseError(f"--method: expected paper, gate or input, got {a.method!r}")
+    target = levels(str(a.target), "--target")[0]
+    if not any(abs(target - q) < 1e-9 for q in LEVELS):
+        raise EdgesparseError(f"--target {a.target}: not a calibrated level (calibrated: {list(LEVELS)})")
+    model = Model(a.package, threads=a.threads, ctx=1024, max_batch=512)
+    text, desc = load_text(a.text, "valid")
+    ids = TextCodec(model.pkg).encode(text, special=False)
+    dump = _h5_dump(a.dump, model, a.tokens) if a.dump else None
+    t0 = time.perf_counter()
+    # An existing predictor is re-tabulated on every calibration (its thresholds follow the level).
+    pred = predictor.load(model.pkg)
+    new_pred = pred is None and a.predictor
+    if new_pred:
+        pred = predictor.build(model.pkg)
+    try:
+        # windows of 512 tokens, or the whole context for models with a shorter one
+        table = calibrate(model, ids, tokens=a.tokens, window=min(512, model.ctx), progress=not a.quiet,
+                          dump=dump.write if dump else None, what=desc, predictor=pred)
+    finally:
+        if dump:
+            dump.close()
+    table["text"] = desc
+    m = model.pkg.manifest
+    sparsity = {"method": a.method, "level": target, "calibration": table}
+    t = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, a.method, target)
+    layers = tuple(dataclasses.replace(l, threshold=float(v)) for l, v in zip(m.layers, t))
+    m = dataclasses.replace(m, sparsity=sparsity, layers=layers)
+    if pred is not None:
+        tp = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, "predicted", target)
+        if new_pred:
+            m = predictor.install(model.pkg.path, m, pred, tp)
+        else:
+            m = dataclasses.replace(m, layers=tuple(dataclasses.replace(l, pred_threshold=float(v))
+                                                    for l, v in zip(m.layers, tp)))
+    write_manifest_atomic(model.pkg.path, m)
+    predictor.remove_stale(model.pkg.path, m)
+    print(f"calibrated {a.package} on {table['tokens']} tokens of {desc} in {time.perf_counter() - t0:.0f} s; "
+          f"active: {a.method} at {target:.0%} sparsity", file=sys.stderr)
+    return 0
+
+
+class _h5_dump:
+    """--dump: dense neuron outputs h as HDF5 dataset h[layer, token, neuron] (float16)."""
+
+    def __init__(self, path: str, model, tokens: int):
+        try:
+            import h5py
+        except ImportError:
+            raise EdgesparseError("--dump needs h5py: pip install 'edgesparse[dump]'") from None
+        cfg = model.cfg
+        self.f = h5py.File(path, "w")
+        self.d = self.f.create_dataset("h", (cfg.n_layers, tokens, cfg.ffn_dim), dtype="f2",
+                                       chunks=(1, min(tokens, 512), cfg.ffn_dim))
+        self.f.attrs["description"] = "dense FFN neuron outputs h = act(gate.x)*(up.x), [layer, token, neuron]"
+        self.tokens = tokens
+
+    def write(self, layer: int, offset: int, h) -> None:
+        n = min(h.shape[0], self.tokens - offset)
+        if n > 0:
+            self.d[layer, offset:offset + n] = h[:n]
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def evaluate(a: argparse.Namespace) -> int:
+    import time
+
+    from edgesparse.runtime.sparsity.evaluate import evaluate, table
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.measure.plots import eval_figures
+    from edgesparse.runtime.core.text import TextCodec
+    from edgesparse.runtime.sparsity.textdata import load_text, token_windows
+
+    targets = levels(a.sparsity, "--sparsity")
+    if a.ctx < 2:
+        raise EdgesparseError(f"--ctx: expected at least 2 tokens, got {a.ctx}")
+    if a.windows is not None and a.windows < 1:
+        raise EdgesparseError(f"--windows: expected a positive integer, got {a.windows}")
+    out = output_dir(a.output)
+    model = Model(a.package, threads=a.threads, ctx=a.ctx, max_batch=a.ctx)
+    if a.ctx > model.cfg.max_position:
+        raise EdgesparseError(f"--ctx {a.ctx}: longer than the model's context ({model.cfg.max_position}); "
+                              "lower --ctx")
+    sp = model.pkg.manifest.sparsity
+    calibrated = sorted(sp["calibration"]["thresholds"]) if sp.get("calibration") else ["paper"]
+    methods = a.methods.split(",") if a.methods else [
+        "predict" if m == "predicted" else m for m in calibrated]
+    unknown = [m for m in methods if m not in ("paper", "gate", "input", "predict")]
+    if unknown:
+        raise EdgesparseError(f"--methods: unknown {unknown}; expected paper, gate, input, predict")
+    if "predict" in methods and not model.has_predictor:
+        raise EdgesparseError(f"{a.package}: --methods predict needs a predictor (calibrate --predictor)")
+    if any(q > 0 for q in targets) and not sp.get("calibration"):
+        raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
+    gguf = None
+    if a.against:
+        from edgesparse.runtime.measure import against
+        if a.against != "llama.cpp":
+            raise EdgesparseError(f"--against {a.against}: eval compares with llama.cpp only")
+        against.check_installed("llama.cpp")
+        gguf = against.gguf_for(model.pkg.manifest, a.gguf)
+    elif a.gguf:
+        raise EdgesparseError("--gguf: only used with --against llama.cpp")
+    text, desc = load_text(a.text, "test")
+    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), a.ctx, a.windows, desc)
+    t0 = time.perf_counter()
+    res = evaluate(model, windows, methods, targets, progress=not a.quiet)
+    if gguf is not None:
+        from edgesparse.progress import Progress
+        bar = Progress(len(windows), "llama.cpp", not a.quiet)
+        res["against"] = {"engine": "llama.cpp", "gguf": str(gguf), "size_bytes": gguf.stat().st_size,
+                          "perplexity": against.llama_cpp_perplexity(str(gguf), windows, model.threads, bar)}
+    res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = table(res)
+    (out / "eval.md").write_text(md + "\n")
+    figs = eval_figures(res, sp, out, model.cfg.arch)
+    print(md)
+    print(f"{desc}: {res['windows']} windows x {a.ctx} tokens, {res['seconds']:.0f} s; wrote {out / 'eval.json'}"
+          + (f" and {len(figs)} figures" if figs else " (no figures: pip install matplotlib)"), file=sys.stderr)
+    return 0
+
+
+def prune(a: argparse.Namespace) -> int:
+    from edgesparse.runtime.sparsity import prune
+    from edgesparse.runtime.sparsity.levels import thresholds_for
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.text import TextCodec
+    from edgesparse.runtime.sparsity.textdata import load_text, token_windows
+
+    level = levels(str(a.level), "--level")[0]
+    if level == 0:
+        raise EdgesparseError("--level: pruning needs a calibrated sparsity level > 0 to define 'active'")
+    if not 0.0 <= a.max_rate < 1.0:
+        raise EdgesparseError(f"--max-rate: expected a fraction in [0, 1), got {a.max_rate}")
+    model = Model(a.package, threads=a.threads, ctx=512, max_batch=512)
+    t = thresholds_for(model.pkg.manifest.sparsity, "paper", level)
+    text, desc = load_text(a.text, "valid")
+    window = model.ctx
+    ids = TextCodec(model.pkg).encode(text, special=False)
+    windows = token_windows(ids, window, max(1, a.tokens // window), desc)
+    rates = prune.activity(model, windows, t, progress=not a.quiet)
+    out, kept = prune.prune(model.pkg, Path(a.output), rates, a.max_rate, force=a.force)
+    n = model.cfg.ffn_dim
+    total = n * len(kept)
+    print(f"{desc}: {windows.size} tokens; pruned {total - sum(kept)} of {total} FFN neurons "
+          f"({1 - sum(kept) / total:.2%}) active on < {a.max_rate:g} of tokens at the {level:.0%} thresholds; "
+          f"kept per layer {kept}; wrote {out}", file=sys.stderr)
+    return 0
+
+
+def analyze(a: argparse.Namespace) -> int:
+    import time
+
+    from edgesparse.runtime.measure import plots
+    from edgesparse.runtime.sparsity import analyze, layer_cost
+    from edgesparse.runtime.sparsity.levels import thresholds_for
+    from edgesparse.runtime.core.model import Model
+    from edgesparse.runtime.core.text import TextCodec
+    from edgesparse.runtime.sparsity.textdata import load_text, token_windows
+
+    level = levels(str(a.sparsity), "--sparsity")[0]
+    out = output_dir(a.output)
+    model = Model(a.package, threads=a.threads, ctx=512, max_batch=512, load=a.load)
+    window = model.ctx        # 512 tokens, or the whole context of a model with a shorter one
+    analyze.check_tokens(a.tokens, window)
+    sp = model.pkg.manifest.sparsity
+    t = thresholds_for(sp, "paper", level)
+    tp = thresholds_for(sp, "predicted", level) if model.has_predictor else None
+    text, desc = load_text(a.text, "test")
+    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), window, a.tokens // window, desc)
+    t0 = time.perf_counter()
+    A, P, sig = analyze.collect(model, windows, t, tp, progress=not a.quiet)
+    res = analyze.study(A, P, sig, window)
+    md = analyze.summary_table(res)
+    if model.has_predictor:     # the predictor's own bytes and time per layer, in the decode kernels
+        res["cost"] = layer_cost.measure(model, windows.ravel(), level, progress=not a.quiet)
+        md += "\n\n" + layer_cost.table(res["cost"])
+    res.update(text=desc, level=level, seconds=time.perf_counter() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analyze.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "analyze.md").write_text(md + "\n")
+    figs = plots.analyze_figures(res, out, model.cfg.arch)
+    if "cost" in res:
+        figs += plots.layer_cost_figure(res["cost"], out, model.cfg.arch)
+    print(md)
+    print(f"{desc}: {res['tokens']} tokens at {level:.0%} sparsity, {res['seconds']:.0f} s; wrote "
+          f"{out / 'analyze.json'}" + (f" and {', '.join(f.name for f in figs)}" if figs else ""), file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    c = text_command(sub, "calibrate", "calibrate per-layer sparsity thresholds on text", "validation", calibrate)
+    c.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    c.add_argument("--method", default="paper", help="active method: paper (|h|), gate (CATS), input (TEAL)")
+    c.add_argument("--target", default="0.5", help="active target sparsity")
+    c.add_argument("--dump", metavar="FILE.h5", help="write the dense activations h[layer, token, neuron]")
+    c.add_argument("--predictor", action="store_true",
+                   help="also build the activation predictor (int8 gate/up rows) and calibrate its thresholds")
+
+    ev = text_command(sub, "eval", "perplexity vs sparsity with the runtime", "test", evaluate)
+    ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
+    ev.add_argument("--windows", type=int, default=None, help="use the first N windows (default: all)")
+    ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                    help="comma-separated calibrated target sparsities to evaluate (0 = dense)")
+    ev.add_argument("--methods", default=None,
+                    help="comma-separated: paper, gate, input, predict (default: every calibrated one)")
+    ev.add_argument("--against", metavar="llama.cpp", help="also llama.cpp's perplexity on the same windows")
+    ev.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
+    ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
+
+    an = text_command(sub, "analyze", "how predictable the active neurons are (per layer, JSON and plots)", "test",
+                       analyze)
+    an.add_argument("--tokens", type=int, default=4096, help="tokens to study")
+    an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active'")
+    an.add_argument("--load", default="mmap", metavar="mmap|ram",
+                    help="how the weights are loaded for the per-layer cost (see run --load)")
+    an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plots")
+
+    pr = text_command(sub, "prune", "drop FFN neurons calibration finds almost never active (writes a copy)",
+                       "validation", prune)
+    pr.add_argument("-o", "--output", required=True, help="pruned package directory to create")
+    pr.add_argument("--max-rate", type=float, default=0.01,
+                    help="drop neurons active on fewer than this fraction of tokens")
+    pr.add_argument("--level", default="0.5", help="calibrated level whose thresholds define 'active'")
+    pr.add_argument("--tokens", type=int, default=16384, help="tokens to count activity on")
+    pr.add_argument("--force", action="store_true", help="replace an existing output directory")
+

@@ -1,0 +1,1 @@
+"""References and fixtures shared by several test files (pyproject: pytest `pythonpath`)."""

@@ -1,0 +1,119 @@
+"""Issue 21's CLI findings, each pinned: help a newcomer can read, one-line errors instead of
+tracebacks, bad output paths refused before the long work, missing text files named as such, the
+context-full stop said on stderr, .venv/ ignored."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgesparse.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subparsers(p: argparse.ArgumentParser):
+    yield "edgesparse", p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield name, sp
+
+
+def test_every_option_has_help():
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in subparsers(build_parser()) for a in p._actions
+               if not isinstance(a, argparse._SubParsersAction) and not a.help]
+    assert missing == []
+
+
+def test_help_shows_defaults_and_the_flow(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Raspberry Pi" in out and "export" in out and "calibrate" in out and "thin layer" not in out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 32)" in out and "(default: 3)" in out and "(default: edgesparse-bench)" in out
+
+
+def test_export_help_names_the_embedded_models(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "qwen2.5-coder-0.5b" in out
+
+
+def test_bare_command_prints_usage_and_commands(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: edgesparse" in err and "run" in err and "bench" in err and "Typical flow" in err
+
+
+def one_line(capsys, argv, needle) -> str:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and needle in err, err
+    return err
+
+
+def test_non_utf8_prompt_is_one_line(capsys, tiny_llama_pkg):
+    bad = b"w5 \xff w6".decode("utf-8", "surrogateescape")       # what the shell hands over
+    one_line(capsys, ["run", tiny_llama_pkg, "-p", bad], "-p/--prompt: not valid UTF-8")
+
+
+def test_stats_json_in_a_missing_directory_fails_before_generating(capsys, tiny_llama_pkg, tmp_path):
+    err = one_line(capsys, ["run", tiny_llama_pkg, "-p", "w5", "--stats-json", tmp_path / "no" / "s.json"],
+                   "does not exist")
+    assert "--stats-json" in err
+
+
+@pytest.mark.parametrize("cmd", ["eval", "analyze", "bench"])
+def test_output_that_is_a_file_fails_first(capsys, tiny_llama_pkg, tmp_path, cmd):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    extra = ["--text", "wikitext2"] if cmd != "bench" else []
+    one_line(capsys, [cmd, tiny_llama_pkg, *extra, "-o", f], "exists and is not a directory")
+
+
+def test_missing_text_path_is_a_missing_file(tmp_path, monkeypatch):
+    from edgesparse.errors import EdgesparseError
+    from edgesparse.runtime.sparsity.textdata import load_text
+    monkeypatch.chdir(tmp_path)
+    for spec in ("data/calib.txt", "./calib", "/nope/calib"):
+        with pytest.raises(EdgesparseError, match=f"--text {spec}: no such file"):
+            load_text(spec, "valid")
+
+
+def test_full_context_is_said_on_stderr(capsys, tiny_llama_pkg, tmp_path):
+    js = tmp_path / "s.json"
+    rc = main(["run", str(tiny_llama_pkg), "-p", "w5 w6 w7", "-n", "50", "--ctx", "10", "--stats-json", str(js)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "context of 10 tokens is full (raise --ctx" in err
+    s = json.loads(js.read_text())
+    assert s["stop"] == "context" and s["generated_tokens"] == 10 - 3 + 1   # the last one from position 10's logits
+
+
+def test_stop_reasons_in_stats(capsys, tiny_llama_pkg, tmp_path):
+    js = tmp_path / "s.json"
+    assert main(["run", str(tiny_llama_pkg), "-p", "w5 w6", "-n", "2", "--stats", "--stats-json", str(js)]) == 0
+    err = capsys.readouterr().err
+    assert json.loads(js.read_text())["stop"] in ("tokens", "eos") and "-n tokens generated" in err
+
+
+def test_venv_is_ignored():
+    """A virtual environment beside the checkout (.venv/, venv/) is not offered for committing."""
+    lines = (ROOT / ".gitignore").read_text().splitlines()
+    assert ".venv/" in lines and "venv/" in lines
+
+
+def test_python_dash_m_bare_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "edgesparse"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "commands:" in p.stderr
