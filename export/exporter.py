@@ -11,7 +11,8 @@ from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
-from edgesparse.quant import GROUP, quantize, quantize_int4
+from edgesparse import tiles
+from edgesparse.quant import GROUP, int4_values, quantize_int4, quantize_int8_groups, quantize_rows
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
@@ -63,17 +64,31 @@ def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
         head_bias="lm_head.bias" in g)
 
 
-def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None) -> list[tuple[str, np.ndarray, str]]:
-    """One tensor as written: float32/float16 as is, int8 / int4 as (values, name.scale); the
-    encodings are edgesparse/quant.py's. importance: imatrix.py's, used by int4 when it has name."""
+def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None,
+            role: str | None = None) -> list[tuple]:
+    """One tensor as written: float32 / float16 as is; int4 and int8 in groups of 32 (edgesparse/
+    quant.py's Q4_0 / Q8_0 encodings) repacked into 16-row tiles, an FFN (role "ffn") into blocks
+    of 16 neurons (edgesparse/tiles.py); int8 rows that are not whole groups as (values, name.scale)
+    with one float32 scale per row. importance: imatrix.py's, used by int4 when it has name."""
     if dtype not in ("int8", "int4"):
         return [(name, a, dtype)]
-    if dtype == "int4" and a.shape[-1] % GROUP:
-        raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
-                              f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
+    if a.shape[-1] % GROUP:
+        if dtype == "int4":
+            raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
+                                  f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
+        q, s = quantize_rows(a)
+        return [(name, q, "int8"), (name + ".scale", s, "float32")]
     imp = (importance or {}).get(name)
-    q, s = quantize_int4(a, imp) if dtype == "int4" and imp is not None else quantize(a, dtype)
-    return [(name, q, dtype), (name + ".scale", s, "float32" if s.dtype == np.float32 else "float16")]
+    if dtype == "int4":
+        packed, s = quantize_int4(a, imp)
+        q, bits = int4_values(packed), 4
+    else:
+        (q, s), bits = quantize_int8_groups(a), 8
+    if role == "ffn":
+        return [(name, tiles.to_ffn_blocks(q, s, bits), f"q{bits}ffn", a.shape)]
+    if a.ndim != 2:
+        raise EdgesparseError(f"--dtype {dtype}: tensor {name!r} of shape {list(a.shape)} is not a matrix")
+    return [(name, tiles.to_tiles(q, s, bits), f"q{bits}x16", a.shape)]
 
 
 # Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,
@@ -118,7 +133,7 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
     if calibrate and "int4" in (dtype, head_dtype):
         from .imatrix import input_importance
         importance, imp_desc = input_importance(hf, arch, tok, calibrate, progress)
-    stored = lambda name, a, role: _stored(name, a, st(role), importance)  # noqa: E731
+    stored = lambda name, a, role: _stored(name, a, st(role), importance, role)  # noqa: E731
 
     with PackageWriter(out, force) as w:
         layers = []

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.format import MANIFEST, FileEntry, Manifest, TensorEntry, dump_manifest, write_raw
+from edgesparse.format import MANIFEST, FileEntry, Manifest, TensorEntry
+from edgesparse.format_write import dump_manifest, write_raw
 
 
 def _exchange(a: Path, b: Path) -> bool:

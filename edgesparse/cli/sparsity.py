@@ -16,7 +16,7 @@ def calibrate(a: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from edgesparse.format import write_manifest_atomic
+    from edgesparse.format_write import write_manifest_atomic
     from edgesparse.runtime.sparsity import predictor
     from edgesparse.runtime.sparsity.calibrate import calibrate
     from edgesparse.runtime.sparsity.levels import LEVELS, thresholds_for

@@ -114,15 +114,18 @@ def bytes_per_token(m) -> float:
     """Weight bytes a decode step reads: the attention projections, the FFN rows the kernel touched
     (gate, up and down rows, counted per step), the predictor in predict mode, one embedding row,
     and the whole lm_head."""
-    lw0 = m.layers[0]
-    # bytes of one FFN row with its scales (int8: one per row; int4: one per group of 32)
-    row = (lw0.ffn.nbytes + lw0.ffn_scale.nbytes) / (lw0.ffn.shape[0] * lw0.ffn.shape[1])
+    lw0, R = m.layers[0], m.cfg.ffn_rows
+    # bytes of one FFN row with its scales: a neuron's gate, up or down row (in blocks of 16 neurons
+    # each is 1/16 of the block's tiles or one down column: the same bytes)
+    neurons = lw0.ffn.shape[0] * (16 if lw0.ffn_bits else 1)
+    row = (lw0.ffn.nbytes + lw0.ffn_scale.nbytes) / (neurons * R)
     attn = sum(lw.qkv.nbytes + lw.o.nbytes + lw.qkv_scale.nbytes + lw.o_scale.nbytes for lw in m.layers)
     rows = np.mean(m.stats.ffn_rows) if m.stats.ffn_rows else 0.0
     ffn = rows * row
     if m.ffn_mode == "predict":
         ffn += sum(lw.pred_q.nbytes + lw.pred_scale.nbytes for lw in m.layers)
-    head = m.head.nbytes + m.head_scale.nbytes + m.embed[0].nbytes
+    embed_row = (m.embed.nbytes + m.embed_scale.nbytes) / m.cfg.vocab_size      # tiles: one row's share
+    head = m.head.nbytes + m.head_scale.nbytes + embed_row
     return float(attn + ffn + head)
 
 
