@@ -15,6 +15,7 @@ from edgesparse.quant import GROUP, quantize, quantize_int4
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
+from .outdir import check_output
 from .writer import PackageWriter
 
 STORAGE_DTYPES = ("float32", "float16", "int8", "int4")
@@ -102,8 +103,7 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
     if head_dtype not in STORAGE_DTYPES:
         raise EdgesparseError(f"--head-dtype: expected one of {STORAGE_DTYPES}, got {head_dtype!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgesparseError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)            # before the model loads: a bad -o fails in the first second
     src = source.resolve(model)
     cfg = source.load_config(src)
     arch = archs.lookup(cfg.model_type)          # before loading weights: fail fast

@@ -1,8 +1,9 @@
 """Write a package directory atomically: everything goes into a hidden temp dir beside the target,
 the manifest is written last, and one rename makes it visible. A killed export leaves only a
 `.NAME.partial-*` directory, which nothing loads unless it was already complete; an existing
-package is only replaced (with --force) after the new one is complete, by one atomic exchange
-where the platform has it (Linux renameat2), so the old or the new package is always there."""
+package (or an empty directory: outdir.py says what --force may replace) is only replaced after
+the new one is complete, by one atomic exchange where the platform has it (Linux renameat2), so
+the old or the new package is always there."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesparse.errors import EdgesparseError
 from edgesparse.format import MANIFEST, FileEntry, Manifest, TensorEntry, dump_manifest, write_raw
+
+from .outdir import check_output
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -40,14 +42,9 @@ def _exchange(a: Path, b: Path) -> bool:
 class PackageWriter:
     def __init__(self, out: Path, force: bool = False):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise EdgesparseError(f"{self.out}: already exists; pass --force to replace it")
-        if self.out.exists() and not (self.out / MANIFEST).is_file():
-            # --force replaces packages, never arbitrary directories.
-            raise EdgesparseError(f"{self.out}: exists and is not an edgesparse package; refusing to replace it")
+        self.force = force
+        check_output(self.out, force)
         parent = self.out.parent if str(self.out.parent) else Path(".")
-        if not parent.is_dir():
-            raise EdgesparseError(f"{parent}: output directory's parent does not exist")
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
         self.files: dict[str, FileEntry] = {}
         self.tensors: dict[str, TensorEntry] = {}
@@ -88,6 +85,8 @@ class PackageWriter:
             fh.write(dump_manifest(manifest))
             fh.flush()
             os.fsync(fh.fileno())
+        if self.out.exists() or self.out.is_symlink():
+            check_output(self.out, self.force)      # OUT may have changed while the package was written
         old = None
         if self.out.exists() and _exchange(self.tmp, self.out):
             # --force: one atomic swap, so OUT is never missing; the old package, now at tmp,

@@ -117,3 +117,49 @@ def test_venv_is_ignored():
 def test_python_dash_m_bare_exits_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "edgesparse"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 2 and "commands:" in p.stderr
+
+
+# -- export -o: checked before the model loads; --force replaces a package or an empty directory only --
+def test_export_output_is_checked_before_the_model_loads(capsys, tiny_llama_pkg, tmp_path, monkeypatch):
+    """Every -o that export must not write is refused with one line naming it, before the model is
+    even looked up (resolving, loading: 5-20 s), with or without --force; nothing is touched."""
+    import shutil
+
+    from edgesparse.export import source
+
+    def never(model):
+        raise AssertionError(f"the model {model!r} was looked up before -o was checked")
+    monkeypatch.setattr(source, "resolve", never)
+    precious = tmp_path / "precious"                    # a user's directory: never replaced
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    webapp = tmp_path / "webapp"                        # a manifest.json that is not a package's
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "my web app"}')
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    pkg, empty = tmp_path / "pkg.esp", tmp_path / "empty"
+    shutil.copytree(tiny_llama_pkg, pkg)
+    empty.mkdir()
+    before = {p: sorted(x.name for x in p.iterdir()) for p in (precious, webapp, pkg, empty)}
+    cases = [(precious, True, "is not an edgesparse package and is not empty; refusing to replace it, even with"),
+             (precious, False, "is not an edgesparse package and is not empty"),
+             (webapp, True, "is not an edgesparse package"),
+             (afile, True, "exists and is not a directory"),
+             (pkg, False, "already exists (package); pass --force"),
+             (empty, False, "already exists (empty directory); pass --force"),
+             (tmp_path / "no" / "x.esp", True, f"the directory {tmp_path / 'no'} does not exist")]
+    for out, force, needle in cases:
+        err = one_line(capsys, ["export", "smollm2-135m", "-o", out, "-q"] + ["--force"] * force, needle)
+        assert f"-o {out}:" in err
+    assert {p: sorted(x.name for x in p.iterdir()) for p in before} == before
+    assert (precious / "notes.txt").read_text() == "keep me" and afile.read_text() == "x"
+
+
+def test_export_force_fills_an_empty_directory(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out.esp"
+    out.mkdir()
+    assert main(["export", str(tiny_llama_dir), "-o", str(out), "--force", "-q"]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"wrote {out}"]
+    assert main(["verify", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out.esp"]     # no partial directory left
