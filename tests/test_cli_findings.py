@@ -163,3 +163,43 @@ def test_export_force_fills_an_empty_directory(capsys, tiny_llama_dir, tmp_path)
     assert capsys.readouterr().err.splitlines() == [f"wrote {out}"]
     assert main(["verify", str(out)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["out.esp"]     # no partial directory left
+
+
+# -- export -q: transformers says nothing ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from conftest import TINY
+    from helpers.tiny_gguf import write_tiny_gguf
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY)
+
+
+def test_quiet_export_says_only_what_it_wrote(tiny_gguf, tmp_path):
+    """The CLI: `export -q` of a GGUF prints one line, `wrote OUT`. The same export without -q shows
+    what -q silences (transformers' warnings, its merges bar, the GGUF conversion bar)."""
+    outs = {q: tmp_path / f"{q}.esp" for q in ("quiet", "loud")}
+    procs = {q: subprocess.Popen([sys.executable, "-m", "edgesparse", "export", str(tiny_gguf), "-o", str(out)]
+                                 + (["-q"] if q == "quiet" else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for q, out in outs.items()}
+    res = {q: (*p.communicate(timeout=600), p.returncode) for q, p in procs.items()}
+    loud = res["loud"][1]
+    assert res["loud"][2] == 0, loud
+    assert "legacy" in loud and "building merges" in loud and "Converting and de-quantizing GGUF tensors" in loud
+    _, err, rc = res["quiet"]
+    assert rc == 0 and err.splitlines() == [f"wrote {outs['quiet']}"], err
+
+
+def test_quiet_export_restores_transformers(tiny_gguf, tmp_path, capfd):
+    """In a program: a quiet export prints nothing, and transformers' verbosity, its progress bars and
+    sys.stderr are what they were before (here a verbosity that is not the default)."""
+    from transformers.utils import logging as hf_logging
+
+    from edgesparse.export import export
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), sys.stderr)
+        export(str(tiny_gguf), tmp_path / "q.esp", progress=False)
+        assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), sys.stderr) == before
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert capfd.readouterr().err == ""
