@@ -203,3 +203,33 @@ def test_quiet_export_restores_transformers(tiny_gguf, tmp_path, capfd):
     finally:
         hf_logging.set_verbosity(verbosity)
     assert capfd.readouterr().err == ""
+
+
+# -- bench with one configuration: a distribution, not a dot -----------------------------------
+def test_one_level_bench_draws_latency_distribution_and_memory(capsys, tiny_llama_pkg, tmp_path):
+    """One configuration: bench.png shows every decode step's latency (all rounds) as a distribution
+    and the memory split as bars, not one dot on a sparsity axis. Over two levels it stays tok/s and
+    peak RSS against sparsity."""
+    from edgesparse.runtime.measure.plots import bench_figure
+    out = tmp_path / "b"
+    assert main(["bench", str(tiny_llama_pkg), "--threads", "1", "--gen-tokens", "9", "--prompt-tokens", "4",
+                 "--rounds", "2", "-q", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    res = json.loads((out / "bench.json").read_text())
+    (row,) = res["summary"]
+    lat = sorted(x for run in row["runs"] for x in run["latency_ms"])
+    assert len(lat) == 2 * 8 and all(x > 0 for x in lat)           # 9 tokens: 8 decode steps per round
+    lat_ax, mem_ax = bench_figure(res).axes
+    (curve,) = [ln for ln in lat_ax.get_lines() if not ln.get_label().startswith("_")]   # not the p50/p90/p99 guides
+    assert list(curve.get_xdata()) == lat
+    assert list(curve.get_ydata()) == pytest.approx([(i + 1) / 16 for i in range(16)])
+    assert "dense 0, 1 threads" in curve.get_label() and "tok/s" in curve.get_label()
+    assert [b.get_width() for b in mem_ax.patches] == pytest.approx([row["rss_file_mb"], row["rss_anon_mb"]])
+    (peak,) = [ln for ln in mem_ax.get_lines() if ln.get_label() == "peak RSS"]
+    assert list(peak.get_xdata()) == [row["peak_rss_mb"]]
+
+    half = dict(row, sparsity=0.5, ffn="threshold", tok_s=row["tok_s"] * 1.2)
+    tok_ax = bench_figure(dict(res, summary=[row, half])).axes[0]
+    (line,) = tok_ax.get_lines()
+    assert list(line.get_xdata()) == [0.0, 0.5] and list(line.get_ydata()) == [row["tok_s"], half["tok_s"]]
