@@ -1,6 +1,8 @@
 """Issue 21's CLI findings, each pinned: help a newcomer can read, one-line errors instead of
-tracebacks, bad output paths refused before the long work, missing text files named as such, the
-context-full stop said on stderr, .venv/ ignored."""
+tracebacks, bad output paths refused before the long work (export's -o before the model loads, and
+--force never replacing a directory that is not a package or empty), missing text files named as
+such, the context-full stop said on stderr, .venv/ ignored, `export -q` quiet, a one-level bench
+figure that shows something. (SIGTERM during export: tests/test_atomic_export.py.)"""
 
 from __future__ import annotations
 
