@@ -16,6 +16,8 @@ from edgesparse.quant import GROUP, int4_values, quantize_int4, quantize_int8_gr
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
+from .outdir import check_output
+from .quiet import hushed
 from .writer import PackageWriter
 
 STORAGE_DTYPES = ("float32", "float16", "int8", "int4")
@@ -109,16 +111,22 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
            progress: bool = True, head_dtype: str | None = None, calibrate: str | None = None) -> Path:
     """Export MODEL into the package directory `out`. dtype: storage of every weight matrix;
     head_dtype: of the embedding and lm_head (default: dtype, int8 for int4); calibrate: text
-    (file, 'wikitext2', hub dataset id) whose activations weigh int4 rounding errors (imatrix.py)."""
-    from tqdm.auto import tqdm
+    (file, 'wikitext2', hub dataset id) whose activations weigh int4 rounding errors (imatrix.py).
+    progress False (`-q`) also silences transformers for the duration (quiet.py)."""
     if dtype not in STORAGE_DTYPES:
         raise EdgesparseError(f"--dtype: expected one of {STORAGE_DTYPES}, got {dtype!r}")
     head_dtype = head_dtype or _HEAD_DEFAULT.get(dtype, dtype)
     if head_dtype not in STORAGE_DTYPES:
         raise EdgesparseError(f"--head-dtype: expected one of {STORAGE_DTYPES}, got {head_dtype!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgesparseError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)            # before the model loads: a bad -o fails in the first second
+    with hushed(not progress):
+        return _export(model, out, dtype, force, progress, head_dtype, calibrate)
+
+
+def _export(model: str | None, out: Path, dtype: str, force: bool, progress: bool, head_dtype: str,
+            calibrate: str | None) -> Path:
+    from tqdm.auto import tqdm
     src = source.resolve(model)
     cfg = source.load_config(src)
     arch = archs.lookup(cfg.model_type)          # before loading weights: fail fast

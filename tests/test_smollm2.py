@@ -81,7 +81,7 @@ def test_cli_run_text_and_stats_json(smollm2_pkg, smollm2_hf, hf_greedy, capsys,
     assert set(stats) == STATS_KEYS
     cfg = Package(smollm2_pkg).config
     assert stats["prompt_tokens"] == len(prompt)
-    assert stats["generated_tokens"] == n
+    assert stats["generated_tokens"] == n and stats["stop"] == "tokens"
     assert stats["ffn_rows_total"] == 3 * cfg.ffn_dim * cfg.n_layers
     assert stats["ffn_rows_read_fraction"] == 1.0 and stats["ffn_rows_read_per_token"] == stats["ffn_rows_total"]
     assert 1 <= stats["threads"] <= (os.cpu_count() or 1)

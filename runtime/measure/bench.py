@@ -241,7 +241,8 @@ def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: i
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "bench.md").write_text(report(res) + "\n")
-    _plot(res, out / "bench.png")
+    from .plots import bench_png
+    bench_png(res, out / "bench.png")
     return res
 
 
@@ -309,54 +310,6 @@ def table(res: dict) -> str:
                       f"{r['major_faults_per_token']:.0f}" if es else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _plot(res: dict, path: Path) -> None:
-    from .plots import _plt
-    plt = _plt()
-    if plt is None:
-        return
-    rows = res["summary"]
-    ours = [r for r in rows if r.get("engine", "edgesparse") == "edgesparse"]
-    modes = [f for f in dict.fromkeys(r["ffn"] for r in ours) if f != "dense"]
-    budgets = list(dict.fromkeys(r.get("budget_mb") for r in ours))
-    loads = list(dict.fromkeys(_load_of(r) for r in ours))
-    # with a budget, a third panel: the weights resident while decoding, against the budget
-    fig, axes = plt.subplots(1, 3 if any(budgets) else 2, figsize=(15 if any(budgets) else 10, 3.8))
-    for t in sorted({r["threads"] for r in ours}):
-        for f in modes or ["dense"]:
-            for b, ld in ((b, ld) for b in budgets for ld in loads):
-                rs = [r for r in ours if r["threads"] == t and r["ffn"] in (f, "dense") and r.get("budget_mb") == b
-                      and _load_of(r) == ld]
-                if not rs:
-                    continue
-                lab = f"{f}, {t} threads" + (f", budget {b:g} MB" if b else "") + (f", load {ld}" if len(loads) > 1 else "")
-                axes[0].plot([r["sparsity"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=lab)
-                axes[1].plot([r["sparsity"] for r in rs], [r["peak_rss_mb"] for r in rs], marker="o", label=lab)
-                if len(axes) > 2:
-                    axes[2].plot([r["sparsity"] for r in rs], [r["weights_resident_mb"] for r in rs], marker="o",
-                                 label=lab)
-    others = [r for r in rows if r.get("engine", "edgesparse") != "edgesparse"]
-    n0 = len(axes[0].lines)
-    for i, r in enumerate(others):     # other engines: one level each, drawn across the sparsity axis
-        ld = ", no mmap" if _load_of(r) != "mmap" else ""
-        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{r['engine']}, {r['threads']} threads{ld}")
-        axes[0].axhline(r["tok_s"], **kw)
-        axes[1].axhline(r["peak_rss_mb"], **kw)
-    axes[0].set_title("decode tok/s (median)")
-    axes[1].set_title("peak RSS (MB)")
-    if len(axes) > 2:
-        for b in filter(None, budgets):
-            axes[2].axhline(b, ls=":", color="k", lw=1)
-        axes[2].set_title("weights resident while decoding (MB; dotted: budget)")
-    for ax in axes:
-        ax.set_xlabel("target sparsity")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_positions(pkg: str, threads: list[int], sparsities: list[float], ffns: list[str], positions: list[int],
