@@ -4,9 +4,11 @@ configurations alternate within each round, and medians over rounds are reported
 machines are noisy, and only comparisons made in one run mean much.
 
 A configuration is edgesparse at (ffn mode, sparsity, threads), optionally under a RAM budget
-(residency.py), or another engine at a thread count (against.py; the Hugging Face engines' workers
-are handed over by the workstation side, export/engines.py). `run_positions` measures latency
-against position instead (positions.py).
+(residency.py), or another engine at a thread count (against.py names them: llama.cpp's own
+llama-bench runs from llama_bench.py; the Hugging Face engines' workers are handed over by the
+workstation side, export/engines.py). Every row reports the weight bytes a decode step reads and
+the effective bandwidth, bytes x tok/s; bench_report.py writes the table. `run_positions` measures
+latency against position instead (positions.py).
 """
 
 from __future__ import annotations
