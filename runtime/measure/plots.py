@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_report import engine_label
+
 
 def _plt():
     try:
@@ -170,7 +172,7 @@ def _load(r: dict) -> str:
 
 def _bench_label(r: dict) -> str:
     if not _ours(r):
-        return f"{r['engine']}, {r['threads']} threads" + (", no mmap" if _load(r) != "mmap" else "")
+        return f"{engine_label(r)}, {r['threads']} threads" + (", no mmap" if _load(r) != "mmap" else "")
     return (f"{r['ffn']} {r['sparsity']:g}, {r['threads']} threads"
             + (f", budget {r['budget_mb']:g} MB" if r.get("budget_mb") else "")
             + (f", load {_load(r)}" if _load(r) != "mmap" else ""))
@@ -210,7 +212,8 @@ def _bench_one_level(plt, res: dict):
         lat = np.sort([x for run in r.get("runs", []) for x in run.get("latency_ms", [])])
         if lat.size:
             ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, drawstyle="steps-post", color=f"C{i % 10}",
-                    label=f"{_bench_label(r)}: {r['tok_s']:.1f} tok/s, p50 {r['p50_ms']:.1f} ms")
+                    label=f"{_bench_label(r)}: {r['tok_s']:.1f} tok/s"
+                    + (f", p50 {r['p50_ms']:.1f} ms" if r.get("p50_ms") is not None else ""))
     for q in (.5, .9, .99):
         ax.axhline(q, ls=":", color="k", lw=.7)
     ax.set_xscale("log")        # a stalled step (a busy machine) is 10-100x the typical one
@@ -225,7 +228,7 @@ def _bench_one_level(plt, res: dict):
     file = np.array([r.get("rss_file_mb") or 0.0 for r in rows])
     ax.barh(y, file, color="C0", label="file-backed (mapped weights)")
     ax.barh(y, [r.get("rss_anon_mb") or 0.0 for r in rows], left=file, color="C1", label="anonymous")
-    ax.plot([r["peak_rss_mb"] for r in rows], y, "k|", ms=14, mew=2, label="peak RSS")
+    ax.plot([r.get("peak_rss_mb") or np.nan for r in rows], y, "k|", ms=14, mew=2, label="peak RSS")
     ax.set_yticks(y, [_bench_label(r) for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("MB")
@@ -261,9 +264,10 @@ def _bench_vs_sparsity(plt, res: dict):
     n0 = len(axes[0].lines)
     for i, r in enumerate(others):     # other engines: one level each, drawn across the sparsity axis
         ld = ", no mmap" if _load(r) != "mmap" else ""
-        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{r['engine']}, {r['threads']} threads{ld}")
+        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{engine_label(r)}, {r['threads']} threads{ld}")
         axes[0].axhline(r["tok_s"], **kw)
-        axes[1].axhline(r["peak_rss_mb"], **kw)
+        if r.get("peak_rss_mb") is not None:
+            axes[1].axhline(r["peak_rss_mb"], **kw)
     axes[0].set_title("decode tok/s (median)")
     axes[1].set_title("peak RSS (MB)")
     if len(axes) > 2:
