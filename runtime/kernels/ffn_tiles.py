@@ -191,10 +191,11 @@ def ffn_tiles(t, cols, n, b, X, base, thr, act, out, h_out, partial, kept, mode,
                         h = a                        # a plain MLP's h is the activation itself
                         keep = h != 0.0 and abs(h) >= thr
                     h_out[s, i] = h
-                    if keep:
-                        idx1[row0 + m] = i
-                        col_scales(cols, i, h, hs2, row0 + m)
-                        m += 1
+                    # without a branch: a kept / dropped decision is a coin flip at 50 %, and a
+                    # mispredicted branch here cost more than the scales of a dropped column
+                    idx1[row0 + m] = i
+                    col_scales(cols, i, h, hs2, row0 + m)
+                    m += keep
                 down_columns(acc2, c * partial.shape[1] + s, cols, idx1, row0, m, hs2)
                 n_kept += m
         kept[c] = n_kept
