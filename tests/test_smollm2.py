@@ -25,7 +25,7 @@ N_TOKENS = 32
 # Documented in edgesparse.runtime.generate.RunStats (`edgesparse run --stats-json`).
 STATS_KEYS = {"prompt_tokens", "generated_tokens", "prefill_ms", "decode_tokens_per_s", "latency_p50_ms",
               "latency_p90_ms", "peak_rss_mb", "ffn_rows_read_per_token", "ffn_rows_total",
-              "ffn_rows_read_fraction", "threads", "stop"}
+              "ffn_rows_read_fraction", "threads", "stop", "thread_choice"}
 
 
 @pytest.fixture(scope="module")

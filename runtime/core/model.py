@@ -126,6 +126,12 @@ class Model:
         self.forward([0])
         self.reset()
 
+    def set_threads(self, threads: int) -> None:
+        """Run the kernels on `threads` of the threads the model was made with (the buffers are per
+        thread chunk and stay as they are: fewer threads take several chunks each)."""
+        self.threads = max(1, min(int(threads), self.s.partial.shape[0]))
+        numba.set_num_threads(self.threads)
+
     def set_thresholds(self, t, method: str | None = None) -> None:
         """Per-layer thresholds [L] (0 = dense) and, optionally, what they apply to
         (paper: |h|, gate: |act(gate.x)|, input: |x|; see kernels.MODE_CODES)."""
