@@ -31,8 +31,12 @@ Measured against llama.cpp's llama-tokenize on the same GGUFs (tests/test_tokeni
 equal on every stress text (spaces, tabs, \r\n, digits, code, accents, combining marks, CJK, emoji
 ZWJ sequences, special tokens in text, contractions) for SmolLM2's vocabulary under each supported
 pre type, Qwen2.5-Coder's, llama.cpp's own Phi-3 (Llama-2 pieces), Llama-3, Qwen2 and GPT-2 test
-vocabularies and sentencepiece's BPE and unigram test models; and on all of WikiText-2's test split
-MEASURED_WIKI. What HF tokenizers cannot say the way llama.cpp does it:
+vocabularies and sentencepiece's BPE and unigram test models; and on real text, every id of
+WikiText-2's test split (1.29 M characters, in 59 pieces cut at paragraphs) and of sentencepiece's
+botchan.txt (279 KB): SmolLM2 under smollm, gpt-2, llama-bpe and qwen2 (303,357 ids on WikiText-2)
+and default (339,760), llama.cpp's Llama-2 and Phi-3 (335,570), Llama-3 (289,076), Qwen2 (299,078)
+and GPT-2 (286,047), the sentencepiece BPE and unigram models (579,882; 824,053). What HF
+tokenizers cannot say the way llama.cpp does it:
   - SPM pieces of equal score: llama.cpp merges the leftmost pair, a BPE model the lower rank.
     _leftmost_first orders them so that the left one wins wherever two overlap, and on a run of
     spaces (Llama-2's "▁▁" ... "▁" x 16 share one score) grows the leftmost piece as llama.cpp does;
@@ -44,8 +48,9 @@ MEASURED_WIKI. What HF tokenizers cannot say the way llama.cpp does it:
     in byte_to_token); this tokenizer gives the unknown token instead.
   - Unicode tables: llama.cpp's own (unicode-data.cpp) against Oniguruma's behind HF's regexes. Every
     code point below U+30000, as a letter / digit / punctuation / space neighbour, splits the same
-    under smollm, llama-bpe and qwen2; under `default` all but U+1B4E (unassigned in Python 3.11's
-    Unicode 14, Balinese punctuation in newer tables), whose first regex isolates punctuation.
+    under smollm, llama-bpe and qwen2; under `default` all but U+1B4E, U+1B4F and U+1B7F,
+    unassigned in llama.cpp's tables and punctuation (Balinese, Unicode 16) in Oniguruma's, which
+    that pre type's first regex isolates.
   - overlapping special tokens: llama.cpp splits out the longest first, HF the leftmost-longest
     match; they differ only where two special tokens overlap in the text.
   - rstrip (Phi-3's special tokens): llama.cpp strips ASCII whitespace, HF any Unicode whitespace.
