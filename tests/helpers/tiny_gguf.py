@@ -1,13 +1,29 @@
-"""A tiny random Llama as a GGUF file (the sizes of conftest's TINY, float32 tensors, a BPE
-vocabulary w0..w210 without merges), written with gguf-py. Loading it goes through transformers'
-GGUF path, which talks on stderr as the embedded models' does: the Llama tokenizer's legacy
-notice, "building merges on the fly" with its bar, and the tensor conversion bar."""
+"""A tiny random Llama as a GGUF file (the sizes of conftest's TINY, float32 tensors), written with
+gguf-py. Its vocabulary is byte-level BPE: letters, digits, "Ġ" and letter pairs with their merges, as a
+gpt2-model GGUF needs (llama.cpp refuses one without tokenizer.ggml.merges, and so does edgesparse).
+Loading its weights goes through transformers' GGUF path, which shows a tensor conversion bar on
+stderr as the embedded models' does."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+
+def _vocab(n: int) -> tuple[list[str], list[str]]:
+    """n tokens: 3 control tokens, the single characters (those of the control tokens too: a byte-level
+    BPE must be able to spell every token), then letter pairs each with its merge."""
+    import string
+    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits) + ["Ġ", "<", ">", "/"]
+    tokens = ["<unk>", "<s>", "</s>"] + chars
+    pairs = ((a, b) for a in string.ascii_lowercase for b in string.ascii_lowercase)
+    merges = []
+    while len(tokens) < n:
+        a, b = next(pairs)
+        tokens.append(a + b)
+        merges.append(f"{a} {b}")
+    return tokens[:n], merges
 
 
 def write_tiny_gguf(path: Path, sizes: dict, seed: int = 0) -> Path:
@@ -28,7 +44,9 @@ def write_tiny_gguf(path: Path, sizes: dict, seed: int = 0) -> Path:
     w.add_rope_freq_base(sizes["rope_theta"])
     w.add_layer_norm_rms_eps(1e-6)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"w{i}" for i in range(V)])
+    tokens, merges = _vocab(V)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
     w.add_token_scores([0.0] * V)
     w.add_token_types([3 if i < 3 else 1 for i in range(V)])    # 3: control (w0 unk, w1 bos, w2 eos)
     w.add_unk_token_id(0)
