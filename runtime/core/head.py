@@ -40,20 +40,27 @@ HEADS = ("full", "sparse")
 OUTSIDE_MASS = 1e-4     # top-p = 1: the largest outside mass (relative) left out of a draw
 
 
-def load_draft(pkg: Package, head: np.ndarray, bits: int) -> tuple[np.ndarray, HeadDraft, float]:
+def check_sparse(pkg: Package) -> None:
+    """A sparse head needs the lm_head in int8 tiles: an int4 one reads no more than its draft, and
+    float rows have no 16-row blocks to gather."""
+    name = "embed" if pkg.config.tie_embeddings else "lm_head"
+    dt = pkg.manifest.tensor(name).dtype
+    if dt != "q8x16":
+        why = "int4 already: a 4-bit draft would read as much" if dt == "q4x16" else "not in int8 tiles"
+        raise EdgesparseError(f"--head sparse: {pkg.path}'s lm_head ({name!r}) is {dt} ({why}); export with "
+                              "--dtype int8, or int4 with its default int8 head")
+
+
+def load_draft(pkg: Package, head: np.ndarray) -> tuple[np.ndarray, HeadDraft, float]:
     """(draft tiles [ceil(V/16), E/32, 288], its settings, seconds spent deriving it: 0 when the
-    package has one). A package exported without a draft gets one made here from the head's
+    package has one). A package exported without a draft gets one made here from the head's int8
     tiles, the same bytes the exporter would write (edgesparse/headdraft.py)."""
-    cfg = pkg.config
-    if bits not in (8,):
-        raise EdgesparseError(f"--head sparse: {pkg.path}'s lm_head is not int8 tiles "
-                              f"({'int4 already: a 4-bit draft reads as much' if bits == 4 else 'float rows'}); "
-                              "export with --dtype int8 or int4 (int8 head)")
+    check_sparse(pkg)
     spec = pkg.manifest.head_draft
     if spec is not None:
         return pkg.tensor(spec.tensor), spec, 0.0
     t0 = time.perf_counter()
-    t = draft_tiles(head, cfg.vocab_size, bits)
+    t = draft_tiles(head, pkg.config.vocab_size, 8)
     return t, HeadDraft(), time.perf_counter() - t0
 
 
@@ -131,8 +138,7 @@ def set_head(model, mode: str, temperature: float = 0.0, top_p: float = 1.0) -> 
     if mode == "full":
         model.sparse_head = None
     elif model.sparse_head is None:
-        from .weights import tiled
-        draft, spec, took = load_draft(model.pkg, model.head, tiled(model.head, model.head_scale))
+        draft, spec, took = load_draft(model.pkg, model.head)
         model.sparse_head = SparseHead(model.head, draft, model.head_bias, spec, model.cfg.vocab_size,
                                        model.s.partial.shape[0])
     if model.sparse_head is not None:
