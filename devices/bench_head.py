@@ -34,6 +34,7 @@ SAMPLING = ((0.7, 0.9), (1.0, 0.9), (1.0, 1.0))   # (temperature, top-p) setting
 def agreement(model: Model, ids: np.ndarray, steps: int) -> tuple[dict, np.ndarray]:
     """Teacher-forced decode over ids; returns the counts and the final states [steps, E] seen."""
     sh = model.sparse_head
+    sh.adaptive = False          # the certificate of every step, not only of the probes
     full_bytes = model.head.nbytes
     model.reset()
     model.forward(ids[:1])

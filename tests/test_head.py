@@ -115,6 +115,7 @@ def _teacher_forced(model: Model, ids, temperature=0.0, top_p=1.0):
     where it falls back to the full head)."""
     sh = model.sparse_head
     sh.set_sampling(temperature, top_p)
+    sh.adaptive = False              # every step's own answer, not the probing policy's
     y = np.zeros(model.cfg.vocab_size, np.float32)
     model.reset()
     out = []
@@ -178,6 +179,17 @@ def test_sparse_sampling_certificate(wide_vocab_int8):
                 assert pf[~np.isfinite(sparse)].sum() <= OUTSIDE_MASS
         print(f"T={T} top_p={p}: {n_cert} of {len(ids)} steps certified")
         assert n_cert >= 5
+    # where nothing certifies, the draft is read on the probing steps only (a fallback reads both)
+    from edgesparse.runtime.core.generate import generate
+    from edgesparse.runtime.core.head import PROBE
+    from edgesparse.runtime.core.sampling import Sampler
+    m.sparse_head.adaptive = True
+    set_head(m, "sparse", 1.0, 0.9)
+    _, st = generate(m, [5, 9, 11], 41, Sampler(1.0, 0.9, seed=0))
+    full = m.head.nbytes
+    hb = np.array(m.stats.head_bytes)
+    print(f"T=1 top_p=0.9: {st.head}; draft read on {(hb > full).sum()} of {hb.size} steps")
+    assert (hb >= full).all() and (hb > full).sum() <= hb.size // PROBE + 8
 
 
 def test_sparse_head_refuses_float_head(tiny_llama_pkg):

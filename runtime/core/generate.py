@@ -91,8 +91,8 @@ def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler
     hb = np.array(model.stats.head_bytes, np.float64)
     full = model.head.nbytes + model.head_scale.nbytes
     sh = model.sparse_head
-    # a fallback step reads the draft and the whole head
-    head = "full" if sh is None else f"sparse ({int((hb == full + sh.draft_bytes).sum())} of {hb.size} steps fell back to the full head)"
+    # a step that falls back reads the whole head (and the draft, unless it was skipped)
+    head = "full" if sh is None else f"sparse ({int((hb >= full).sum())} of {hb.size} steps read the full head)"
     stats = RunStats(
         prompt_tokens=len(prompt_ids), generated_tokens=len(out), prefill_ms=t_prefill * 1e3,
         decode_tokens_per_s=(len(lat) / sum(lat)) if lat else float("nan"),

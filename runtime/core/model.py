@@ -247,7 +247,7 @@ class Model:
         read = sh.run(xf, self.logits, self.s.xb, self.threads) if sh is not None else 0
         if not read:
             self._linear(self.head, self.head_scale, xf, self.head_bias, None, self.logits.reshape(1, -1))
-        return read or self.head.nbytes + self.head_scale.nbytes + (sh.draft_bytes if sh is not None else 0)
+        return read or self.head.nbytes + self.head_scale.nbytes + (sh.draft_read if sh is not None else 0)
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
