@@ -96,12 +96,13 @@ def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None
 
 def _head_draft(mc, written: list[tuple]) -> list[tuple]:
     """The lm_head's 4-bit draft (`run --head sparse`, edgesparse/headdraft.py), made from the head
-    as stored (int8 tiles decoded, or float), when that is wider than int4 and in groups of 32."""
+    as stored, when that is int8 tiles: the sparse head gathers 16-row tiles, and an int4 head
+    reads no more than its draft."""
     name = "embed" if mc.tie_embeddings else "lm_head"
     _, arr, dtype, *_ = next(x for x in written if x[0] == name)
-    if mc.embed_dim % GROUP or dtype not in ("q8x16", "float32", "float16"):
+    if dtype != "q8x16":
         return []
-    tiles_ = draft_tiles(arr, mc.vocab_size, 8 if dtype == "q8x16" else 0)     # [ceil(V/16), E/32, 288]
+    tiles_ = draft_tiles(arr, mc.vocab_size, 8)                                 # [ceil(V/16), E/32, 288]
     return [(DRAFT_TENSOR, tiles_, DRAFT_DTYPE, (mc.vocab_size, mc.embed_dim))]
 
 
