@@ -17,8 +17,6 @@ from edgesparse.runtime.core.head import set_head
 from edgesparse.runtime.core.model import Model
 from edgesparse.runtime.core.state import zeros64
 
-from .conftest import _make_tiny
-
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -103,10 +101,10 @@ def test_draft_is_plain_q4_0():
 
 
 @pytest.fixture(scope="module")
-def wide_vocab_int8(tmp_path_factory):
+def wide_vocab_int8(tiny_model_factory, tmp_path_factory):
     """A tiny random Llama with a vocabulary of 1999 (125 blocks, the last short), exported int8."""
     from edgesparse.export import export
-    src = _make_tiny(tmp_path_factory.mktemp("wide_hf") / "model", seed=3, vocab_size=1999, tie_word_embeddings=False)
+    src = tiny_model_factory("LlamaConfig", "LlamaForCausalLM", seed=3, vocab_size=1999, tie_word_embeddings=False)
     return export(str(src), tmp_path_factory.mktemp("wide_pkg") / "wide8.esp", dtype="int8", progress=False)
 
 
