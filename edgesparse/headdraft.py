@@ -14,7 +14,7 @@ block among the blocks ordered by the draft's largest score:
 The head's rows share no low-rank structure that ranks tokens (the spectrum is flat), and a 2-bit
 or sign copy errs by several logits; the 4-bit copy errs by less than one and costs half the int8
 head. Plain Q4_0 scales (d = m / -8), not quant.py's search: the draft only ranks, the exact logits
-come from the head itself, and plain Q4_0 takes seconds (2 s for SmolLM2's head, NumPy, one core),
+come from the head itself, and plain Q4_0 takes seconds (0.8 s for SmolLM2's head, NumPy, one core),
 so a device can derive it at load from a package exported without one.
 """
 
