@@ -35,6 +35,7 @@ from pathlib import Path
 from . import tiles
 from .config import ModelConfig
 from .errors import PackageError
+from .headdraft import DRAFT_DTYPE, HeadDraft
 
 FORMAT_NAME = "edgesparse"
 FORMAT_VERSION = 4
@@ -143,6 +144,7 @@ class Manifest:
     layers: tuple[LayerEntry, ...]
     sparsity: dict          # {"method": str, ...} plus calibration tables when calibrated
     chat_template: str | None
+    head_draft: HeadDraft | None = None   # the lm_head's 4-bit draft (run --head sparse), if written
 
     def tensor(self, name: str) -> TensorEntry:
         try:
@@ -274,9 +276,16 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
     if "tokenizer.json" not in files or files["tokenizer.json"].kind != "tokenizer":
         raise PackageError(f"{where}: 'files' must list tokenizer.json")
     _check_shapes(config, tensors, layers, where)
+    draft = None
+    if doc.get("head_draft") is not None:
+        draft = HeadDraft.from_json(doc["head_draft"], where)
+        t = tensors.get(draft.tensor)
+        if t is None or t.dtype != DRAFT_DTYPE or t.shape != (config.vocab_size, config.embed_dim):
+            raise PackageError(f"{where}: head_draft.tensor {draft.tensor!r} must be a {DRAFT_DTYPE} tensor of shape "
+                               f"{[config.vocab_size, config.embed_dim]} in 'tensors'")
     return Manifest(config=config, source=_need(doc, "source", dict, where),
                     exporter=_need(doc, "exporter", dict, where), files=files, tensors=tensors,
-                    layers=tuple(layers), sparsity=sparsity, chat_template=tmpl)
+                    layers=tuple(layers), sparsity=sparsity, chat_template=tmpl, head_draft=draft)
 
 
 def layer_neurons(c: ModelConfig, tensors: dict, layer: "LayerEntry", where: str) -> int:

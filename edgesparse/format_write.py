@@ -26,6 +26,7 @@ def manifest_to_json(m: Manifest) -> dict:
                    for l in m.layers],
         "sparsity": m.sparsity,
         "chat_template": m.chat_template,
+        **({} if m.head_draft is None else {"head_draft": m.head_draft.to_json()}),
     }
 
 

@@ -11,6 +11,7 @@ from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
+from edgesparse.headdraft import DRAFT_DTYPE, DRAFT_FILE, DRAFT_TENSOR, HeadDraft, draft_tiles
 from edgesparse import tiles
 from edgesparse.quant import GROUP, int4_values, quantize_int4, quantize_int8_groups, quantize_rows
 
@@ -94,6 +95,18 @@ def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None
     return [(name, tiles.to_tiles(q, s, bits), f"q{bits}x16", a.shape)]
 
 
+def _head_draft(mc, written: list[tuple]) -> list[tuple]:
+    """The lm_head's 4-bit draft (`run --head sparse`, edgesparse/headdraft.py), made from the head
+    as stored, when that is int8 tiles: the sparse head gathers 16-row tiles, and an int4 head
+    reads no more than its draft."""
+    name = "embed" if mc.tie_embeddings else "lm_head"
+    _, arr, dtype, *_ = next(x for x in written if x[0] == name)
+    if dtype != "q8x16":
+        return []
+    tiles_ = draft_tiles(arr, mc.vocab_size, 8)                                 # [ceil(V/16), E/32, 288]
+    return [(DRAFT_TENSOR, tiles_, DRAFT_DTYPE, (mc.vocab_size, mc.embed_dim))]
+
+
 # Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,
 # positions (tiny, and every activation passes through them).
 _KEEP_FLOAT32 = set(FLOAT32_ROLES) | {"final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"}
@@ -174,10 +187,14 @@ def _export(model: str | None, out: Path, dtype: str, force: bool, progress: boo
                 if mc.rope_long_after:
                     names.update(rope_cos_long=table + ".long.cos", rope_sin_long=table + ".long.sin")
             layers.append(LayerEntry(attention=f"attn/{l:03d}.onnx", threshold=0.0, **names))
-        w.raw("embed.bin", [x for n in ("embed", "pos_embed", "embed_proj_in") if n in g for x in stored(n, g[n], n)])
-        head = [n for n in ("lm_head", "lm_head.bias", "head_proj_out") if n in g]
+        emb = [x for n in ("embed", "pos_embed", "embed_proj_in") if n in g for x in stored(n, g[n], n)]
+        w.raw("embed.bin", emb)
+        head = [x for n in ("lm_head", "lm_head.bias", "head_proj_out") if n in g for x in stored(n, g[n], n)]
         if head:
-            w.raw("head.bin", [x for n in head for x in stored(n, g[n], n)])
+            w.raw("head.bin", head)
+        draft = _head_draft(mc, emb + head)
+        if draft:
+            w.raw(DRAFT_FILE, draft)
         norm = [n for n in ("final_norm.weight", "final_norm.bias") if n in g]
         if norm:
             w.raw("norm.bin", [(n, g[n], "float32") for n in norm])
@@ -189,5 +206,6 @@ def _export(model: str | None, out: Path, dtype: str, force: bool, progress: boo
             exporter={"name": "edgesparse", "version": __version__, "dtype": dtype, "head_dtype": head_dtype,
                       **({"int4_importance": imp_desc} if imp_desc else {})},
             files=w.files, tensors=w.tensors, layers=tuple(layers),
-            sparsity={"method": "none"}, chat_template=tok.chat_template)
+            sparsity={"method": "none"}, chat_template=tok.chat_template,
+            head_draft=HeadDraft() if draft else None)
         return w.finish(manifest)

@@ -110,9 +110,10 @@ def test_stats_and_stats_json(capsys, tiny_llama_pkg, tmp_path):
     out, err = run_ok(capsys, "run", tiny_llama_pkg, "-p", PROMPT, "-n", 5, "--threads", 1, "--stats",
                       "--stats-json", js)
     assert len(out.split()) == 5
-    assert len(err.splitlines()) == 4 and "threads 1" in err
+    assert len(err.splitlines()) == 5 and "threads 1" in err and "lm_head read per token" in err
     s = json.loads(js.read_text())
     assert s["prompt_tokens"] == 3 and s["generated_tokens"] == 5 and s["threads"] == 1
+    assert s["head"] == "full" and s["head_mb_per_token"] == s["head_full_mb"]
     cfg = read_manifest(tiny_llama_pkg).config
     assert s["ffn_rows_total"] == 3 * cfg.ffn_dim * cfg.n_layers and s["ffn_rows_read_fraction"] == 1.0
 

@@ -33,6 +33,12 @@ def bench(a: argparse.Namespace) -> int:
         raise EdgesparseError(f"--ffn: expected comma-separated dense, threshold, predict; got {a.ffn!r}")
     if "predict" in ffns and not all(e.pred_q for e in pkg.manifest.layers):
         raise EdgesparseError(f"{a.package}: --ffn predict needs a predictor (calibrate --predictor)")
+    heads = [h.strip() for h in a.head.split(",") if h.strip()]
+    if not heads or any(h not in ("full", "sparse") for h in heads):
+        raise EdgesparseError(f"--head: expected comma-separated full, sparse; got {a.head!r}")
+    if "sparse" in heads:
+        from edgesparse.runtime.core.head import check_sparse
+        check_sparse(pkg)
     if any(sparsities) and not pkg.manifest.sparsity.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
     engines = against.parse(a.against)
@@ -55,7 +61,7 @@ def bench(a: argparse.Namespace) -> int:
     settings = partial(level_settings, pkg.manifest.sparsity, pkg.config.n_layers)
     if a.positions:
         for flag, given in (("--against", engines), ("--ram-budget", a.ram_budget), ("--project", a.project),
-                            ("--load", loads != ["mmap"])):
+                            ("--load", loads != ["mmap"]), ("--head", heads != ["full"])):
             if given:
                 raise EdgesparseError(f"--positions measures latency against position only; drop {flag}")
         from edgesparse.runtime.measure import positions
@@ -70,7 +76,7 @@ def bench(a: argparse.Namespace) -> int:
     given = _prepare_engines(engines, pkg, cache, a.gguf, a.llama_bench, log)
     res = bench.run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, out, settings,
                           progress=not a.quiet, ffns=ffns, against=given, budget_mb=a.ram_budget,
-                          project=a.project, loads=tuple(loads))
+                          project=a.project, loads=tuple(loads), heads=tuple(heads))
     print(bench_report.report(res))
     print(f"wrote {out / 'bench.json'}", file=sys.stderr)
     return 0
@@ -111,6 +117,9 @@ def add_parsers(sub) -> None:
     b.add_argument("package", help="package directory (from `edgesparse export`)")
     b.add_argument("--sparsity", default="0", help="comma-separated calibrated levels (0 = dense)")
     b.add_argument("--ffn", default="threshold", help="comma-separated FFN modes: threshold, predict, dense")
+    b.add_argument("--head", default="full", metavar="full,sparse",
+                   help="comma-separated lm_heads for decode: full, sparse (run --head sparse); each with every "
+                        "configuration")
     b.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma-separated thread counts")
     b.add_argument("--prompt-tokens", type=int, default=32, help="tokens of the fixed pseudo-random prompt")
     b.add_argument("--gen-tokens", type=int, default=128, help="decode steps (per position with --positions)")

@@ -14,6 +14,7 @@ from .args import HelpFormatter, levels, output_file
 
 def run(a: argparse.Namespace) -> int:
     from edgesparse.runtime.core.generate import generate
+    from edgesparse.runtime.core.head import set_head
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.sampling import Sampler
     from edgesparse.runtime.core.text import StreamDecoder, TextCodec
@@ -32,6 +33,10 @@ def run(a: argparse.Namespace) -> int:
     model = Model(a.package, ctx=a.ctx, threads=a.threads, verify=a.verify, load=a.load)
     level = None if a.sparsity is None else levels(str(a.sparsity), "--sparsity")[0]
     configure(model, a.ffn, level)
+    took = set_head(model, a.head, a.temperature, a.top_p)
+    if took:
+        print(f"edgesparse: {a.package} has no lm_head draft (exported before it existed); derived one at load "
+              f"in {took:.1f} s (re-export to store it)", file=sys.stderr)
     codec = TextCodec(model.pkg)
     if a.prompt == "":
         raise EdgesparseError("-p/--prompt: the prompt is empty")
@@ -104,6 +109,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--ffn", default="threshold", choices=["dense", "threshold", "predict"],
                    help="FFN mode: dense; threshold (the paper's rule, default); predict (the predictor "
                         "picks the rows to read)")
+    r.add_argument("--head", default="full", choices=["full", "sparse"],
+                   help="lm_head for decode: full (every token's logit); sparse (a 4-bit draft picks candidate "
+                        "tokens, exact logits for those alone; the full head when sampling cannot be certified)")
     r.set_defaults(fn=run)
 
     v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes",

@@ -30,6 +30,9 @@ class RunStats:
     ffn_rows_read_per_token: float   # gate rows + up rows + down columns, summed over layers
     ffn_rows_total: int              # R * n_neurons * n_layers (R = 3 gated, 2 plain MLP)
     ffn_rows_read_fraction: float
+    head_mb_per_token: float         # lm_head bytes read per decode step (MB): the whole head, or draft + candidates
+    head_full_mb: float              # the whole head (MB)
+    head: str                        # "full", or "sparse (N fallbacks to the full head)"
     threads: int                     # the count most decode steps ran on
     stop: str                        # why generation stopped: STOPS
     thread_choice: str               # e.g. "2 (auto: 2 on 90 steps, 1 on 10)", or the fixed count
@@ -46,6 +49,7 @@ class RunStats:
             f"peak RSS {self.peak_rss_mb:.0f} MB, threads {self.thread_choice}",
             f"FFN rows read per token {self.ffn_rows_read_per_token:.0f} of {self.ffn_rows_total} "
             f"({100 * self.ffn_rows_read_fraction:.1f}%)",
+            f"lm_head read per token {self.head_mb_per_token:.2f} MB of {self.head_full_mb:.2f} MB, head {self.head}",
         ]
 
 
@@ -84,12 +88,18 @@ def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler
     L, N = cfg.n_layers, cfg.ffn_dim
     total = cfg.ffn_rows * N * L
     rows = float(np.mean(model.stats.ffn_rows)) if model.stats.ffn_rows else float("nan")
+    hb = np.array(model.stats.head_bytes, np.float64)
+    full = model.head.nbytes + model.head_scale.nbytes
+    sh = model.sparse_head
+    # a step that falls back reads the whole head (and the draft, unless it was skipped)
+    head = "full" if sh is None else f"sparse ({int((hb >= full).sum())} of {hb.size} steps read the full head)"
     stats = RunStats(
         prompt_tokens=len(prompt_ids), generated_tokens=len(out), prefill_ms=t_prefill * 1e3,
         decode_tokens_per_s=(len(lat) / sum(lat)) if lat else float("nan"),
         latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p90_ms=float(np.percentile(lat_ms, 90)),
         peak_rss_mb=peak_rss_mb(), ffn_rows_read_per_token=float(rows), ffn_rows_total=total,
         ffn_rows_read_fraction=float(rows / total), stop=stop,
+        head_mb_per_token=float(hb.mean() / 1e6) if hb.size else float("nan"), head_full_mb=full / 1e6, head=head,
         threads=int(tuner.summary().split()[0]) if tuner else model.threads,
         thread_choice=tuner.summary() if tuner else str(model.threads))
     return out, stats

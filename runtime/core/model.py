@@ -46,6 +46,7 @@ SMALL_BATCH = 64
 class StepStats:
     ffn_kept: list = field(default_factory=list)   # per decode step: neurons kept, summed over layers
     ffn_rows: list = field(default_factory=list)   # per decode step: FFN weight rows read (gate, up, down)
+    head_bytes: list = field(default_factory=list)  # per decode step: lm_head bytes read (draft included)
 
 
 class Model:
@@ -79,8 +80,7 @@ class Model:
         self.has_predictor = all(lw.pred_q is not None for lw in self.layers)
         self.t_pred = np.array([l.pred_threshold or 0.0 for l in self.pkg.manifest.layers], np.float32)  # [L]
         self.ffn_mode = "threshold"
-        # optional global tensors, used when the config says the model has them (the reader checks
-        # exactly those shapes)
+        # optional global tensors, used when the config has them (the reader checks those shapes)
         opt = lambda name, want, shape=(0,): (kernel_array(self.pkg.tensor(name)) if want  # noqa: E731
                                               else np.zeros(shape, np.float32))
         self.embed = kernel_array(self.pkg.tensor("embed"))                                    # [V, E]
@@ -98,6 +98,7 @@ class Model:
         self.s = RunState(cfg, self.threads, self.max_batch, self._small)
         self.h = zeros64((cfg.n_layers, cfg.ffn_dim))      # last decode step's neuron outputs per layer
         self.logits = zeros64((cfg.vocab_size,))
+        self.sparse_head = None   # core/head.py's SparseHead for decode steps (set_head), or None: the full head
         # [L, (kept, total, candidates)]: the thresholded quantity; candidates in predict mode
         self.counts = np.zeros((cfg.n_layers, 3), np.int64)
         self.observer = None     # calibration hook: observer(layer, ffn_in [S,D], gate [S,N], up [S,N])
@@ -238,10 +239,15 @@ class Model:
             x = x @ self.proj_out.T
         return x
 
-    def _head_one(self, x: np.ndarray) -> None:
-        """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba)."""
+    def _head_one(self, x: np.ndarray) -> int:
+        """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba): the sparse
+        head when set and able (core/head.py), else the full one. Returns the head bytes read."""
         xf = np.ascontiguousarray(self._final(x, self.s.xn))       # [1, E]
-        self._linear(self.head, self.head_scale, xf, self.head_bias, None, self.logits.reshape(1, -1))
+        sh = self.sparse_head
+        read = sh.run(xf, self.logits, self.s.xb, self.threads) if sh is not None else 0
+        if not read:
+            self._linear(self.head, self.head_scale, xf, self.head_bias, None, self.logits.reshape(1, -1))
+        return read or self.head.nbytes + self.head_scale.nbytes + (sh.draft_read if sh is not None else 0)
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
@@ -422,7 +428,7 @@ class Model:
             kept += k
         self.stats.ffn_kept.append(kept)
         self.stats.ffn_rows.append(rows)
-        self._head_one(x)
+        self.stats.head_bytes.append(self._head_one(x))
         self.pos += 1
 
     def _prefill(self, tokens: np.ndarray) -> np.ndarray:

@@ -18,7 +18,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits [V] -> token id."""
-        if not np.isfinite(logits).all():
+        # -inf is a token ruled out (the sparse head's non-candidates, core/head.py); NaN or +inf
+        # only comes from damaged weights
+        if np.isnan(logits).any() or np.isposinf(logits).any():
             raise EdgesparseError("the model computed non-finite logits (NaN or inf): the package's weights are "
                                   "damaged; check it with `edgesparse verify`")
         if self.temperature == 0.0:

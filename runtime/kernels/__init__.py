@@ -28,6 +28,7 @@ Modules, by concern (the forward pass and the tests use the names re-exported he
     activations.py  the FFN activations by code; the elementwise kernel
     dense.py        linear / matvec: the attention projections and the lm_head
     tiles.py        16-row tiles (int4 / int8, edgesparse/tiles.py): projections, lm_head, embedding gather
+    head.py         the vocabulary-sparse lm_head: draft scores per block, candidate blocks, their exact logits
     ffn_tiles.py    the thresholded FFN over blocks of 16 neurons (tiled gate/up, the kept down columns)
     ffn.py          the thresholded FFN over neuron-major rows; the BLAS prefill's threshold rule
     predict.py      the activation predictor's kernels (predict mode)
@@ -44,11 +45,13 @@ from .dense import linear, matvec
 from .ffn import MODE_CODES, ffn_glu, ffn_glu_batch, glu_threshold, mask_small
 from .ffn_tiles import ffn_tiles
 from .grouped import quantize_activations
+from .head import block_max, candidate_stats, clear_marks, extend_blocks, outside_mass, tile_blocks, top_blocks
 from .norms import gather_rows, head_rms_norm, layer_norm, nll_rows, rms_norm
 from .tiles import gather_tiles, linear_tiles
 from .predict import dequant_pred, ffn_predict, ffn_predict_batch, predict_mask, predicted_gate_up
 
-__all__ = ["ACT_CODES", "MODE_CODES", "activation", "dequant_pred", "ffn_glu", "ffn_glu_batch", "ffn_predict",
+__all__ = ["ACT_CODES", "MODE_CODES", "activation", "block_max", "candidate_stats", "clear_marks", "dequant_pred",
+           "extend_blocks", "outside_mass", "tile_blocks", "top_blocks", "ffn_glu", "ffn_glu_batch", "ffn_predict",
            "ffn_predict_batch", "ffn_tiles", "gather_rows", "gather_tiles", "glu_threshold", "head_rms_norm",
            "layer_norm", "linear", "linear_tiles", "mask_small", "matvec", "nll_rows", "predict_mask",
            "predicted_gate_up", "quantize_activations", "rms_norm"]

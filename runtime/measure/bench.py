@@ -61,12 +61,14 @@ def _warm_page_cache(m) -> None:
 
 
 def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, ffn: str = "threshold",
-            budget_mb: float | None = None, load: str = "mmap", settings: dict | None = None) -> dict:
+            budget_mb: float | None = None, load: str = "mmap", settings: dict | None = None,
+            head: str = "full") -> dict:
     """One configuration, in this process: load, warm up, prefill a fixed prompt, decode n_gen
     greedy tokens (EOS ignored, so every configuration decodes the same count). settings: the
     thresholds of (ffn, sparsity) as Model.configure takes them (sparsity/levels.py prepares them
-    in the parent process). With a budget, the residency manager runs after every decode step,
+    in the parent process); head: the lm_head of decode steps (core/head.py). With a budget, the residency manager runs after every decode step,
     inside the timed interval: its cost is part of the price of the budget."""
+    from ..core.head import set_head
     from ..core.model import Model
     from .residency import Residency, package_resident_bytes
     t0 = time.perf_counter()
@@ -74,6 +76,7 @@ def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, 
     load_s = time.perf_counter() - t0
     after_load = rss_split_mb()
     m.configure(ffn, **(settings or {}))
+    set_head(m, head)
     _warm_page_cache(m)
     m.warmup()
     # With a budget, the FFN rows start released (see residency.py): the prefill reads them back,
@@ -101,7 +104,7 @@ def measure(pkg: str, threads: int, sparsity: float, n_prompt: int, n_gen: int, 
     # peak over the whole run: VmHWM was reset before decoding
     decode_peak = end["peak_rss_mb"]
     end["peak_rss_mb"] = max(filter(None, (end_prefill["peak_rss_mb"], decode_peak)), default=None)
-    out = {"engine": "edgesparse", "threads": threads, "sparsity": sparsity, "ffn": ffn, "budget_mb": budget_mb,
+    out = {"engine": "edgesparse", "threads": threads, "sparsity": sparsity, "ffn": ffn, "head": head, "budget_mb": budget_mb,
            "load": load, "load_s": load_s, **latency_stats(prefill, lat), "bytes_per_token": bytes_per_token(m),
            "major_faults_per_token": faults / len(lat), "after_load": after_load, "end": end,
            "decode_peak_rss_mb": decode_peak}
@@ -129,7 +132,8 @@ def bytes_per_token(m) -> float:
     if m.ffn_mode == "predict":
         ffn += sum(lw.pred_q.nbytes + lw.pred_scale.nbytes for lw in m.layers)
     embed_row = (m.embed.nbytes + m.embed_scale.nbytes) / m.cfg.vocab_size      # tiles: one row's share
-    head = m.head.nbytes + m.head_scale.nbytes + embed_row
+    # the lm_head as the decode steps read it: whole, or the sparse head's draft and candidate blocks
+    head = (np.mean(m.stats.head_bytes) if m.stats.head_bytes else m.head.nbytes + m.head_scale.nbytes) + embed_row
     return float(attn + ffn + head)
 
 
@@ -144,7 +148,8 @@ def _label(c: dict) -> str:
     if c["engine"] != "edgesparse":
         return f"{c['engine']} threads {c['threads']}{ld}"
     b = f" budget {c['budget_mb']:g} MB" if c.get("budget_mb") else ""
-    return f"{c['ffn']} {c['sparsity']} threads {c['threads']}{b}{ld}"
+    h = " head sparse" if c.get("head", "full") != "full" else ""
+    return f"{c['ffn']} {c['sparsity']}{h} threads {c['threads']}{b}{ld}"
 
 
 def _run_workers(specs: list[dict], rounds: int, progress: bool, desc: str) -> list[list[dict]]:
@@ -176,7 +181,8 @@ def worker(spec: dict) -> dict:
                                  spec.get("round", 0), spec["settings"])
     if spec["engine"] == "edgesparse":
         return measure(spec["package"], spec["threads"], spec["sparsity"], spec["prompt_tokens"], spec["gen_tokens"],
-                       spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"), spec["settings"])
+                       spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"), spec["settings"],
+                       spec.get("head", "full"))
     from . import llama_bench
     if spec["engine"] not in llama_bench.ENGINES:
         raise EdgesparseError(f"--against {spec['engine']}: measured by the workstation's worker, "
@@ -222,19 +228,20 @@ def machine() -> dict:
 def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: int, n_gen: int, rounds: int,
               out: Path, settings, progress: bool = True, ffns: tuple[str, ...] = ("threshold",),
               against: dict[str, dict] | None = None, budget_mb: float | None = None,
-              project: str | None = None, loads: tuple[str, ...] = ("mmap",)) -> dict:
+              project: str | None = None, loads: tuple[str, ...] = ("mmap",), heads: tuple[str, ...] = ("full",)) -> dict:
     """settings(ffn, sparsity): Model.configure's thresholds for a configuration, as data (the CLI
     hands over sparsity/levels.py's). against: engine -> what its worker loads ("path") and, for the
     workstation's engines, the worker command ("worker"). project: a board name or profile path for
-    the roofline projection."""
+    the roofline projection. heads: the lm_heads measured (core/head.py), each with every configuration."""
     profile = None
     if project:
         from . import boards
         profile = boards.load_profile(project)           # fail before the runs, not after
     common = {"package": str(pkg), "prompt_tokens": n_prompt, "gen_tokens": n_gen}
-    specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b, "load": ld,
-                       "settings": settings(f, s)}
-             for s, f, b, ld in _configs(threads, sparsities, list(ffns), budget_mb, loads) for t in threads]
+    specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "head": h, "budget_mb": b,
+                       "load": ld, "settings": settings(f, s)}
+             for s, f, b, ld in _configs(threads, sparsities, list(ffns), budget_mb, loads) for h in heads
+             for t in threads]
     # llama.cpp also has both loads (mmap, -lm none); ORT and transformers always read into memory
     specs += [common | {"engine": e, "threads": t, "load": ld} | given for e, given in (against or {}).items()
               for ld in (loads if e in LLAMA_CPP else ("mmap",)) for t in threads]
@@ -262,7 +269,7 @@ def _median(values) -> float | None:
 
 def _summarize(spec: dict, rs: list[dict]) -> dict:
     med = lambda f: _median(f(r) for r in rs)  # noqa: E731
-    row = {k: spec.get(k) for k in ("engine", "threads", "sparsity", "ffn", "budget_mb", "load")}
+    row = {k: spec.get(k) for k in ("engine", "threads", "sparsity", "ffn", "head", "budget_mb", "load")}
     row.update({k: med(lambda r: r[k]) for k in ("tok_s", "prefill_ms", "p50_ms", "p90_ms", "p99_ms")})
     row.update(rss_after_load_mb=med(lambda r: r["after_load"]["rss_mb"]),
                peak_rss_mb=med(lambda r: r["end"]["peak_rss_mb"]),

@@ -36,9 +36,11 @@ def report(res: dict) -> str:
 
 def table(res: dict) -> str:
     rows = res["summary"]
-    # "vs dense": against the dense run at the same thread count and load (other engines: mmap's)
+    # "vs dense": against the dense run at the same thread count and load (other engines: mmap's),
+    # with the full lm_head
     base = {(r["threads"], load_of(r)): r["tok_s"] for r in rows
-            if r.get("engine", "edgesparse") == "edgesparse" and r["sparsity"] == 0 and not r.get("budget_mb")}
+            if r.get("engine", "edgesparse") == "edgesparse" and r["sparsity"] == 0 and not r.get("budget_mb")
+            and r.get("head", "full") == "full"}
     budget = any(r.get("budget_mb") for r in rows)
     loads = any(load_of(r) != "mmap" for r in rows)
     head = ["engine", "ffn", "sparsity", "threads"] + (["load"] if loads else []) + [
@@ -52,7 +54,8 @@ def table(res: dict) -> str:
         es = r.get("engine", "edgesparse") == "edgesparse"
         split = ("-" if r["rss_file_mb"] is None else
                  f"{r['rss_file_mb']:.0f} / {r['rss_anon_mb']:.0f}")
-        cells = [engine_label(r), r["ffn"] if es else "-", f"{r['sparsity']:.1f}" if es else "-",
+        ffn = r["ffn"] + (" + sparse head" if r.get("head") == "sparse" else "") if es else "-"
+        cells = [engine_label(r), ffn, f"{r['sparsity']:.1f}" if es else "-",
                  str(r["threads"])] + ([load_of(r) if es or r["engine"] in LLAMA_CPP else "-"] if loads else []) + [
                  f"{r['tok_s']:.2f}", f"{(r['tok_s'] / b) if b else float('nan'):.2f}x",
                  _f(r["p50_ms"], ".1f"), _f(r["p90_ms"], ".1f"), _f(r["p99_ms"], ".1f"), _f(r["prefill_ms"], ".0f"),
