@@ -17,7 +17,7 @@ def run(a: argparse.Namespace) -> int:
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.sampling import Sampler
     from edgesparse.runtime.core.text import StreamDecoder, TextCodec
-    from edgesparse.runtime.sparsity.levels import configure
+    from edgesparse.runtime.sparsity.levels import configure, prefill_policy
 
     if a.tokens < 1:
         raise EdgesparseError(f"-n/--tokens: expected a positive integer, got {a.tokens}")
@@ -49,7 +49,8 @@ def run(a: argparse.Namespace) -> int:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()
 
-    _, stats = generate(model, ids, a.tokens, sampler, on_token)
+    prefill = a.prefill or prefill_policy(model.pkg.manifest.sparsity)
+    _, stats = generate(model, ids, a.tokens, sampler, on_token, prefill="sparse" if a.ffn == "dense" else prefill)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats.stop == "context":
@@ -99,6 +100,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--ffn", default="threshold", choices=["dense", "threshold", "predict"],
                    help="FFN mode: dense; threshold (the paper's rule, default); predict (the predictor "
                         "picks the rows to read)")
+    r.add_argument("--prefill", default=None, choices=["dense", "sparse"],
+                   help="dense: the prompt runs dense and only the generated tokens sparse; sparse: both at the "
+                        "level (default: the package's policy, which calibrate records; dense unless told)")
     r.set_defaults(fn=run)
 
     v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes",
