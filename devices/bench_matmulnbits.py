@@ -5,18 +5,18 @@ core) should run through ORT's MatMulNBits instead of the Numba kernels: keep wh
 measured. This measures it, one token (a [1, D] input), every layer's qkv and o of an int4 or int8
 package:
 
-    edgesparse   runtime.kernels.linear on the package's mmap'd rows (what decode runs): the input
-                 rounded to int8 per block of 32, integer dot products (AVX-512 VNNI where the
-                 CPU has it), each group's sum scaled
+    edgesparse   runtime.kernels.linear_tiles on the package's mmap'd tiles (what decode runs): the
+                 input rounded to int8 per block of 32, integer dot products (AVX-512 VNNI where
+                 the CPU has it), each group's sum scaled
     ORT fp32     one MatMulNBits node per projection (com.microsoft, block_size 32; bits 4 for an
                  int4 package, 8 for int8), weights as initializers, accuracy_level 0 (float32
                  compute), run with IOBinding into preallocated outputs
     ORT int8     the same with accuracy_level 4: MLAS quantizes the input to int8 per block and
                  multiplies in integers, as llama.cpp and edgesparse do
 
-The same values on both sides: Q4_0 nibbles re-packed into MatMulNBits' order (element 2j in the
-low nibble of byte j, zero point 8), Q8_0 bytes offset by 128 (zero point 128), the package's
-float16 group scales as float32. Error columns, relative to the output's largest value: each
+The same values on both sides: the package's tiles (edgesparse/tiles.py) decoded to their Q4_0 /
+Q8_0 values and re-packed into MatMulNBits' order (int4: element 2j in the low nibble of byte j,
+zero point 8; int8: offset by 128, zero point 128), the float16 group scales as float32. Error columns, relative to the output's largest value: each
 engine against the dequantized weights times the float32 input ("vs x"), which shows the input
 rounding of the int8-compute engines (~1%), and edgesparse also against its own arithmetic, the
 input rounded by quant.round_activations ("vs rounded x"), which must be float32 noise.
@@ -39,16 +39,15 @@ import numpy as np
 
 
 def mnb_model(q: np.ndarray, scale: np.ndarray, bits: int, accuracy: int):
-    """One MatMulNBits node Y [1, N] = A [1, K] @ W.T for a package tensor: int4 packed q [N, K/2]
-    or int8 q [N, K], float16 group scales [N, K/32]."""
+    """One MatMulNBits node Y [1, N] = A [1, K] @ W.T for a package matrix: its values q [N, K]
+    (int4: -8..7, int8: -127..127) and float16 group scales [N, K/32]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from edgesparse.quant import GROUP
     N, G = scale.shape
     K = G * GROUP
     if bits == 4:
-        b = q.reshape(N, G, 16)
-        vals = np.concatenate([b & 15, b >> 4], axis=-1)                   # [N, G, 32] in element order
+        vals = (q.reshape(N, G, GROUP).astype(np.int16) + 8).astype(np.uint8)      # [N, G, 32] in element order
         blob = (vals[..., 0::2] | (vals[..., 1::2] << 4)).astype(np.uint8)  # [N, G, 16]
     else:
         blob = (q.reshape(N, G, GROUP).astype(np.int16) + 128).astype(np.uint8)  # [N, G, 32]
@@ -73,18 +72,24 @@ def main(argv=None) -> int:
 
     import numba
     import onnxruntime as ort
-    from edgesparse.quant import dequantize, round_activations
+    from edgesparse import tiles
+    from edgesparse.format import TILED
+    from edgesparse.quant import round_activations
     from edgesparse.runtime import kernels as K
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.attention import session_options
+    from edgesparse.runtime.core.state import zeros64
 
     m = Model(a.package, threads=1, ctx=8)
     dtype = m.pkg.manifest.exporter.get("dtype")
-    if dtype not in ("int4", "int8") or m.layers[0].qkv_scale.ndim != 2:
-        print(f"{a.package}: needs an int4 or int8 (groups of 32) package, this one is {dtype}", file=sys.stderr)
+    entries = [m.pkg.manifest.tensor(e.qkv) for e in m.pkg.manifest.layers] + \
+              [m.pkg.manifest.tensor(e.o) for e in m.pkg.manifest.layers]
+    if any(t.dtype not in TILED for t in entries):
+        print(f"{a.package}: needs an int4 or int8 package (projections in tiles), this one is {dtype}", file=sys.stderr)
         return 2
-    bits = 4 if dtype == "int4" else 8
-    mats = [(lw.qkv, lw.qkv_scale) for lw in m.layers] + [(lw.o, lw.o_scale) for lw in m.layers]   # [O, ·], [O, G]
+    bits = TILED[entries[0].dtype]
+    tile = [lw.qkv for lw in m.layers] + [lw.o for lw in m.layers]                     # [B, G, tile] each
+    mats = [tiles.from_tiles(t.view(np.uint8), e.shape[0], bits) for t, e in zip(tile, entries)]   # ([O, K], [O, G])
     rng = np.random.default_rng(0)
     L = len(m.layers)
     D = mats[0][1].shape[1] * 32
@@ -111,16 +116,19 @@ def main(argv=None) -> int:
             for sess, io in sessions[e]:
                 sess.run_with_iobinding(io)
 
+        xb = m.s.xb
+        scratch = zeros64((th, 16))
+
         def run_nb():
-            for (q, s), xi, y, b in zip(mats, xo, outs["edgesparse"], nobase):
-                K.linear(q, s, xi, none, b, y, th)
+            for t, xi, y, b in zip(tile, xo, outs["edgesparse"], nobase):
+                K.linear_tiles(t, xi, none, b, y, th, xb, scratch)
 
         run = {"ORT fp32": lambda: run_ort("ORT fp32"), "ORT int8": lambda: run_ort("ORT int8"), "edgesparse": run_nb}
         for f in run.values():
             f()
         # relative to the output's scale: max |y - x W^T| / max |x W^T| over the first qkv and o
         first = list(zip(mats[:L + 1:L], xo[:L + 1:L]))
-        wd = [dequantize(np.asarray(q), np.asarray(s)) for (q, s), _ in first]
+        wd = [(q.reshape(q.shape[0], -1, 32) * s.astype(np.float32)[..., None]).reshape(q.shape) for (q, s), _ in first]
         ref = [xi @ w.T for (_, xi), w in zip(first, wd)]
         ref_r = [round_activations(xi) @ w.T for (_, xi), w in zip(first, wd)]
         rel = lambda ys, rs: max(float(np.abs(y - r).max() / np.abs(r).max()) for y, r in zip(ys, rs))  # noqa: E731
@@ -133,8 +141,8 @@ def main(argv=None) -> int:
                 run[e]()
                 times[e].append(time.perf_counter() - t)
         rows.append((th, {e: statistics.median(v) * 1e3 for e, v in times.items()}, err))
-    print(f"{a.package}: {dtype}, {L} layers of qkv {tuple(mats[0][0].shape[:1]) + (D,)} and o "
-          f"{tuple(mats[L][0].shape[:1]) + (mats[L][1].shape[1] * 32,)}, one token; MatMulNBits bits={bits} block 32; "
+    print(f"{a.package}: {dtype}, {L} layers of qkv {(mats[0][0].shape[0], D)} and o "
+          f"{(mats[L][0].shape[0], mats[L][1].shape[1] * 32)}, one token; MatMulNBits bits={bits} block 32; "
           f"medians over {a.rounds} alternating rounds")
     cols = [f"{e} vs x" for e in engines] + ["edgesparse vs rounded x"]
     print("| threads | " + " | ".join(f"{e} ms" for e in engines) + " | " + " | ".join(cols) + " |")

@@ -1,4 +1,4 @@
-"""The edgesparse package format, version 3: a directory with a manifest.
+"""The edgesparse package format, version 4: a directory with a manifest.
 
     PKG/
       manifest.json          format name + version, source, config, files, tensors, layers, sparsity
@@ -8,14 +8,14 @@
       attn/NNN.bin           layer NNN's norms and q|k|v and o projections, raw, [out, in] row-major
       ffn/NNN.bin            layer NNN's FFN, neuron-major [n_neurons, R, d_model] (gate row, up row,
                              down column of each neuron contiguous; R = 2 for plain MLPs: fc1 row, fc2
-                             column), little-endian, offset 0
+                             column), little-endian, offset 0; int4 / int8 in blocks of 16 neurons
+                             (edgesparse/tiles.py)
       embed.bin, head.bin, norm.bin, rope.bin   raw little-endian tensors
 
-Version 1 put the norms and projections inside the ONNX graph; version 2 moved them out to Numba
-(a matvec reads them at twice the bandwidth of ONNX Runtime's MatMul for one token, see
-docs/FORMAT.md). Version 3 describes every architecture family (LayerNorm, biases, plain MLPs,
-parallel and post-norm blocks, per-layer rotary tables, learned positions) in the config and per
-layer tensor roles. Older packages are refused with a message to re-export.
+Version 4 stores int4 and int8 matrices as 16-row tiles with their scales inside (q4x16 / q8x16,
+edgesparse/tiles.py: llama.cpp's repacking idea) and int4 / int8 FFNs in blocks of 16 neurons
+(q4ffn / q8ffn). Older versions are refused with a message to re-export (docs/FORMAT.md#versioning
+has their history).
 
 Every file is listed with its size and sha256; every raw tensor with file, dtype, shape and a
 page-aligned byte offset. Reading checks the cheap things (version, types, sizes, bounds) on
@@ -27,27 +27,31 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tiles
 from .config import ModelConfig
 from .errors import PackageError
 
 FORMAT_NAME = "edgesparse"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 PAGE = 4096  # raw tensor offsets are multiples of this so each tensor can be mmap'd page-aligned
 
-# dtype name -> numpy dtype of its storage unit (little-endian)
-DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int8": "<i1", "int4": "<u1"}
-# values per storage unit: int4 packs two per byte along the last axis (edgesparse/quant.py)
-PACKED = {"int4": 2}
-# weight dtypes and what their NAME.scale tensor holds (see edgesparse/quant.py)
-QUANTIZED = {"int8": "one float16 scale per group of 32, or one float32 scale per row",
-             "int4": "one float16 scale per group of 32"}
+# dtype name -> numpy dtype of its storage unit (little-endian). The tiled dtypes are bytes whose
+# view type says the width to the kernels (uint8: int4, int8: int8; edgesparse/tiles.py).
+DTYPES = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "int8": "<i1",
+          "q4x16": "<u1", "q8x16": "<i1", "q4ffn": "<u1", "q8ffn": "<i1"}
+# Tiled dtypes -> bits per weight value. A tensor of one of these has the logical shape of the
+# matrix it stands for ([O, D], or [N, R, D] for an FFN) and carries its scales inside; rows must
+# be whole groups of 32 (edgesparse/tiles.py).
+TILED = {"q4x16": 4, "q8x16": 8}
+FFN_BLOCKS = {"q4ffn": 4, "q8ffn": 8}
+# what an int8 tensor's NAME.scale holds (rows that are not whole groups of 32; see edgesparse/quant.py)
+QUANTIZED = {"int8": "one float32 scale per row"}
 FILE_KINDS = ("raw", "onnx", "tokenizer")
 SPARSITY_METHODS = ("none", "synthetic", "paper", "gate", "input")
 
@@ -70,13 +74,17 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * int(DTYPES[self.dtype][-1]) // PACKED.get(self.dtype, 1)
+        return math.prod(self.stored_shape) * int(DTYPES[self.dtype][-1])
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
-        """The shape of the array as stored: int4's last axis holds two values per byte."""
-        p = PACKED.get(self.dtype, 1)
-        return self.shape[:-1] + (self.shape[-1] // p,) if p > 1 else self.shape
+        """The shape of the array as stored: tiles [ceil(N/16), *mid, D/32, tile bytes], FFN
+        blocks [ceil(N/16), block bytes] (edgesparse/tiles.py); the logical shape otherwise."""
+        if self.dtype in TILED:
+            return tiles.tiled_shape(self.shape, TILED[self.dtype])
+        if self.dtype in FFN_BLOCKS:
+            return tiles.ffn_shape(self.shape, FFN_BLOCKS[self.dtype])
+        return self.shape
 
 
 # A layer's tensors by role (HF naming, mapped once at export): role -> required?
@@ -212,8 +220,10 @@ def parse_manifest(doc: object, where: str = MANIFEST) -> Manifest:
         offset = _need(t, "offset", int, w)
         if offset < 0 or offset % PAGE:
             raise PackageError(f"{w}: offset {offset} is not a non-negative multiple of {PAGE}")
-        if dtype == "int4" and shape[-1] % 32:
-            raise PackageError(f"{w}: an int4 tensor's rows are groups of 32 values; the last axis is {shape[-1]}")
+        if dtype in FFN_BLOCKS and len(shape) != 3:
+            raise PackageError(f"{w}: a {dtype} tensor is an FFN [n_neurons, R, d_model], got shape {shape}")
+        if (dtype in TILED or dtype in FFN_BLOCKS) and shape[-1] % 32:
+            raise PackageError(f"{w}: a {dtype} tensor's rows are groups of 32 values; the last axis is {shape[-1]}")
         te = TensorEntry(name, file, dtype, tuple(shape), offset)
         if offset + te.nbytes > files[file].size:
             raise PackageError(f"{w}: bytes {offset}..{offset + te.nbytes} run past the end of {file} "
@@ -342,6 +352,7 @@ def _check_layer_roles(c: ModelConfig, l: LayerEntry, w: str) -> None:
 
 def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
     pred_q = {l.pred_q for l in layers if l.pred_q is not None}
+    ffns = {l.ffn for l in layers}
     for i, l in enumerate(layers):
         _check_layer_roles(c, l, f"{where}: layers[{i}]")
     for name, shape in expected_shapes(c, layers, where, tensors).items():
@@ -350,20 +361,22 @@ def _check_shapes(c: ModelConfig, tensors: dict, layers, where: str) -> None:
         if tensors[name].shape != shape:
             raise PackageError(f"{where}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                                f"the config needs {list(shape)}")
-        want = ("int8",) if name in pred_q else ("float32", "float16", "int8", "int4")
         dt = tensors[name].dtype
-        if dt not in want:
-            raise PackageError(f"{where}: tensor {name!r} must be {' or '.join(want)}")
-        if dt in QUANTIZED and name not in pred_q:
-            # int8: one float32 scale per row (the last axis is the row); int4: one float16 scale
-            # per group of 32 along the row (edgesparse/quant.py)
-            groups = ("float16", shape[:-1] + (shape[-1] // 32,))
-            ok = [groups] if dt == "int4" else [groups, ("float32", shape[:-1])] if shape[-1] % 32 == 0 \
-                else [("float32", shape[:-1])]
+        if name in pred_q:
+            want = ("int8",)
+        elif name in ffns:
+            want = ("float32", "float16", "int8", *FFN_BLOCKS)
+        else:
+            want = ("float32", "float16", "int8", *TILED)
+        if dt not in want or (dt in TILED and len(shape) != 2):
+            raise PackageError(f"{where}: tensor {name!r} must be {' or '.join(want)}, got {dt}")
+        if dt == "int8" and name not in pred_q:
+            # int8 rows, one float32 scale per row: the matrices whose rows are not whole groups of
+            # 32 (those are tiled, q8x16 / q8ffn; edgesparse/quant.py, tiles.py)
             sc = tensors.get(name + ".scale")
-            if sc is None or (sc.dtype, sc.shape) not in ok:
-                want = " or ".join(f"a {d} tensor {name + '.scale'!r} of shape {list(s)}" for d, s in ok)
-                raise PackageError(f"{where}: {dt} tensor {name!r} needs {want} ({QUANTIZED[dt]})")
+            if sc is None or (sc.dtype, sc.shape) != ("float32", shape[:-1]):
+                raise PackageError(f"{where}: int8 tensor {name!r} needs a float32 tensor {name + '.scale'!r} "
+                                   f"of shape {list(shape[:-1])} ({QUANTIZED['int8']})")
     # Norm weights, biases and rotary tables are tiny and read as float32 by the kernels (and the
     # rotary tables are bound as ONNX Runtime's float cos/sin caches).
     for name in ("final_norm.weight", "final_norm.bias", "lm_head.bias", "pos_embed"):
@@ -432,64 +445,3 @@ def verify_hashes(pkg: Path, m: Manifest, progress=None) -> None:
             raise PackageError(f"{p}: sha256 mismatch: the file is corrupted or was changed after export")
         if progress:
             progress(f.path)
-
-
-def manifest_to_json(m: Manifest) -> dict:
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "exporter": m.exporter,
-        "source": m.source,
-        "config": m.config.to_json(),
-        "files": [{"path": f.path, "kind": f.kind, "size": f.size, "sha256": f.sha256} for f in m.files.values()],
-        "tensors": {t.name: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset}
-                    for t in m.tensors.values()},
-        "layers": [{"attention": l.attention, **l.tensor_names(), "threshold": l.threshold,
-                    **({} if l.pred_threshold is None else {"pred_threshold": l.pred_threshold})}
-                   for l in m.layers],
-        "sparsity": m.sparsity,
-        "chat_template": m.chat_template,
-    }
-
-
-def dump_manifest(m: Manifest) -> bytes:
-    # allow_nan=True writes +inf as `Infinity`; _no_constants reads only that one back.
-    return (json.dumps(manifest_to_json(m), indent=1, allow_nan=True) + "\n").encode("utf-8")
-
-
-def write_raw(path: Path, rel: str, tensors) -> tuple[FileEntry, dict[str, TensorEntry]]:
-    """Write tensors [(name, array, dtype name)] into one raw file at page-aligned offsets,
-    fsync'd; returns its file entry and tensor entries (rel = its path inside the package)."""
-    import numpy as np
-    h = hashlib.sha256()
-    pos = 0
-    entries = {}
-    with open(path, "wb") as fh:
-        for name, arr, dtype in tensors:
-            pad = (-pos) % PAGE
-            if pad:
-                fh.write(b"\0" * pad)
-                h.update(b"\0" * pad)
-                pos += pad
-            data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[dtype])).tobytes()
-            fh.write(data)
-            h.update(data)
-            shape = tuple(int(s) for s in arr.shape)
-            if dtype in PACKED:     # arr is the packed storage; the manifest records the values' shape
-                shape = shape[:-1] + (shape[-1] * PACKED[dtype],)
-            entries[name] = TensorEntry(name, rel, dtype, shape, pos)
-            pos += len(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return FileEntry(rel, "raw", pos, h.hexdigest()), entries
-
-
-def write_manifest_atomic(pkg: Path, m: Manifest) -> None:
-    """Replace PKG/manifest.json in one rename (used when calibration updates thresholds)."""
-    pkg = Path(pkg)
-    tmp = pkg / (MANIFEST + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(dump_manifest(m))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, pkg / MANIFEST)

@@ -29,9 +29,13 @@ unpacked [..., D] (docs/FORMAT.md).
 
 Activations: rows stored in groups of 32 are multiplied with their input rounded to int8 per block
 of 32, as llama.cpp multiplies Q4_0 / Q8_0 weights (runtime/kernels/grouped.py says why):
-    dx = max|x in block| / 127 (float32);  qx = rint(x / dx) (int8; 0 where dx = 0);  x ~ qx * dx
-round_activations is that rounding in NumPy, for the BLAS paths and the tests; the kernels'
-quantize_activations performs the same float32 operations.
+    dx = max|x in block| / 127,  r = 1 / dx  (float32);  qx = rint(x * r) (int8; 0 where dx = 0);  x ~ qx * dx
+(llama.cpp's quantize_row_q8_0 multiplies by the reciprocal too). round_activations is that rounding
+in NumPy, for the BLAS paths and the tests; the kernels' quantize_activations performs the same
+float32 operations. A multiply, not a division: a compiler allowed to turn x / dx into x * (1 / dx)
+(fast-math "arcp", which Numba passes down to a function first compiled from a fastmath caller)
+would round a value sitting on .5 to the other side, and the kernel and the BLAS path would
+disagree on that input.
 """
 
 from __future__ import annotations
@@ -151,8 +155,16 @@ def round_activations(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     g = x.reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)              # [..., G, 32]
     d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127.0)          # float32, as the kernel
-    q = np.where(d > 0, np.rint(g / np.where(d > 0, d, np.float32(1.0))), np.float32(0.0))
+    r = np.float32(1.0) / np.where(d > 0, d, np.float32(1.0))
+    q = np.where(d > 0, np.rint(g * r), np.float32(0.0))
     return (q * d).reshape(x.shape).astype(np.float32)
+
+
+def int4_values(packed: np.ndarray) -> np.ndarray:
+    """packed [..., D/2] uint8 (the Q4_0 nibble order above) -> the values [..., D] int8, -8..7."""
+    b = np.asarray(packed).reshape(*packed.shape[:-1], packed.shape[-1] // 16, 16)
+    q = np.concatenate([b & 15, b >> 4], axis=-1).astype(np.int8) - 8          # [..., G, 32]
+    return q.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -148,3 +148,62 @@ def dequantize_columns(c: np.ndarray, D: int, bits: int) -> np.ndarray:
 def column_bytes(D: int, bits: int) -> int:
     """Bytes of one column of D values."""
     return (D // 2 if bits == 4 else D) + 2 * (D // GROUP)
+
+
+# -- the FFN in neuron blocks ------------------------------------------------------------------------
+# A layer's FFN [N, R, D] (R = 3: gate, up, down column; R = 2: fc1, fc2 column) in blocks of 16
+# neurons, each block one contiguous run of bytes:
+#     [(R-1) x D/32 tiles: the block's gate rows, then its up rows][16 down columns, to_columns]
+# so a decode step streams the file front to back, and a neuron's down column is its own
+# contiguous run (the threshold drops whole columns). N is padded to whole blocks with zero
+# neurons (h = 0: never kept).
+
+
+def ffn_block_bytes(R: int, D: int, bits: int) -> int:
+    """Bytes of one block of 16 neurons."""
+    return (R - 1) * (D // GROUP) * TILE_BYTES[bits] + ROWS * column_bytes(D, bits)
+
+
+def to_ffn_blocks(q: np.ndarray, d: np.ndarray, bits: int) -> np.ndarray:
+    """q [N, R, D] integer values, d [N, R, D/32] float16 -> blocks [ceil(N/16), ffn_block_bytes] uint8."""
+    N, R, D = q.shape
+    NB = padded(N) // ROWS
+    tiles = to_tiles(q[:, :R - 1], d[:, :R - 1], bits).reshape(NB, -1)       # [NB, (R-1) G T]
+    cols = np.zeros((NB * ROWS, column_bytes(D, bits)), np.uint8)
+    cols[:] = to_columns(np.zeros((1, D), np.int32), np.zeros((1, D // GROUP), np.float16), bits)
+    cols[:N] = to_columns(q[:, R - 1], d[:, R - 1], bits)
+    return np.ascontiguousarray(np.concatenate([tiles, cols.reshape(NB, -1)], axis=1))
+
+
+def ffn_views(blocks: np.ndarray, R: int, D: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Strided views of blocks [NB, ffn_block_bytes]: the tiles [NB, R-1, G, tile] and the down
+    columns [NB, 16, column_bytes] (the kernels take both, with their strides)."""
+    NB, G, T = blocks.shape[0], D // GROUP, TILE_BYTES[bits]
+    nt = (R - 1) * G * T
+    return blocks[:, :nt].reshape(NB, R - 1, G, T), blocks[:, nt:].reshape(NB, ROWS, column_bytes(D, bits))
+
+
+def from_ffn_blocks(blocks: np.ndarray, n: int, R: int, D: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of to_ffn_blocks: (q [n, R, D] int8, d [n, R, D/32] float16)."""
+    t, c = ffn_views(np.asarray(blocks).view(np.uint8), R, D, bits)
+    qt, dt = from_tiles(t, n, bits)                                          # [n, R-1, D], [n, R-1, G]
+    qc, dc = from_columns(c.reshape(-1, c.shape[-1])[:n], D, bits)          # [n, D], [n, G]
+    return (np.concatenate([qt, qc[:, None]], axis=1), np.concatenate([dt, dc[:, None]], axis=1))
+
+
+def dequantize_ffn_blocks(blocks: np.ndarray, n: int, R: int, D: int, bits: int) -> np.ndarray:
+    """blocks -> float32 [n, R, D]."""
+    q, d = from_ffn_blocks(blocks, n, R, D, bits)
+    G = D // GROUP
+    return (q.astype(np.float32).reshape(n, R, G, GROUP) * d.astype(np.float32)[..., None]).reshape(n, R, D)
+
+
+def tiled_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """The stored shape of a tiled tensor of logical shape [N, *mid, D]."""
+    return (padded(shape[0]) // ROWS, *shape[1:-1], shape[-1] // GROUP, TILE_BYTES[bits])
+
+
+def ffn_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """The stored shape of an FFN in blocks, logical shape [N, R, D]."""
+    N, R, D = shape
+    return (padded(N) // ROWS, ffn_block_bytes(R, D, bits))

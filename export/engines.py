@@ -4,7 +4,7 @@ workstation side and import down into the runtime, never the reverse: the CLI ca
 which makes (once, cached) the model each engine loads and names this module as the worker that
 bench runs for it, `python -m edgesparse.export.engines SPEC_JSON`, one fresh process per
 measurement, measured as bench measures edgesparse (runtime/measure/metrics.py). llama.cpp, which
-needs no torch, is runtime/measure/against.py's."""
+needs no torch (its own llama-bench), is runtime/measure/llama_bench.py's."""
 
 from __future__ import annotations
 

@@ -11,10 +11,13 @@ from edgesparse import __version__
 from edgesparse.config import ModelConfig
 from edgesparse.errors import EdgesparseError
 from edgesparse.format import FLOAT32_ROLES, LayerEntry, Manifest
-from edgesparse.quant import GROUP, quantize, quantize_int4
+from edgesparse import tiles
+from edgesparse.quant import GROUP, int4_values, quantize_int4, quantize_int8_groups, quantize_rows
 
 from . import archs, source
 from .onnx_layer import build_attention_graph
+from .outdir import check_output
+from .quiet import hushed
 from .writer import PackageWriter
 
 STORAGE_DTYPES = ("float32", "float16", "int8", "int4")
@@ -63,17 +66,31 @@ def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
         head_bias="lm_head.bias" in g)
 
 
-def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None) -> list[tuple[str, np.ndarray, str]]:
-    """One tensor as written: float32/float16 as is, int8 / int4 as (values, name.scale); the
-    encodings are edgesparse/quant.py's. importance: imatrix.py's, used by int4 when it has name."""
+def _stored(name: str, a: np.ndarray, dtype: str, importance: dict | None = None,
+            role: str | None = None) -> list[tuple]:
+    """One tensor as written: float32 / float16 as is; int4 and int8 in groups of 32 (edgesparse/
+    quant.py's Q4_0 / Q8_0 encodings) repacked into 16-row tiles, an FFN (role "ffn") into blocks
+    of 16 neurons (edgesparse/tiles.py); int8 rows that are not whole groups as (values, name.scale)
+    with one float32 scale per row. importance: imatrix.py's, used by int4 when it has name."""
     if dtype not in ("int8", "int4"):
         return [(name, a, dtype)]
-    if dtype == "int4" and a.shape[-1] % GROUP:
-        raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
-                              f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
+    if a.shape[-1] % GROUP:
+        if dtype == "int4":
+            raise EdgesparseError(f"--dtype int4: tensor {name!r} has rows of {a.shape[-1]} values; int4 stores "
+                                  f"groups of {GROUP}, so rows must be a multiple of {GROUP} (use int8)")
+        q, s = quantize_rows(a)
+        return [(name, q, "int8"), (name + ".scale", s, "float32")]
     imp = (importance or {}).get(name)
-    q, s = quantize_int4(a, imp) if dtype == "int4" and imp is not None else quantize(a, dtype)
-    return [(name, q, dtype), (name + ".scale", s, "float32" if s.dtype == np.float32 else "float16")]
+    if dtype == "int4":
+        packed, s = quantize_int4(a, imp)
+        q, bits = int4_values(packed), 4
+    else:
+        (q, s), bits = quantize_int8_groups(a), 8
+    if role == "ffn":
+        return [(name, tiles.to_ffn_blocks(q, s, bits), f"q{bits}ffn", a.shape)]
+    if a.ndim != 2:
+        raise EdgesparseError(f"--dtype {dtype}: tensor {name!r} of shape {list(a.shape)} is not a matrix")
+    return [(name, tiles.to_tiles(q, s, bits), f"q{bits}x16", a.shape)]
 
 
 # Tensors the kernels read as float32 whatever --dtype says: norms, biases, rotary tables,
@@ -94,16 +111,22 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
            progress: bool = True, head_dtype: str | None = None, calibrate: str | None = None) -> Path:
     """Export MODEL into the package directory `out`. dtype: storage of every weight matrix;
     head_dtype: of the embedding and lm_head (default: dtype, int8 for int4); calibrate: text
-    (file, 'wikitext2', hub dataset id) whose activations weigh int4 rounding errors (imatrix.py)."""
-    from tqdm.auto import tqdm
+    (file, 'wikitext2', hub dataset id) whose activations weigh int4 rounding errors (imatrix.py).
+    progress False (`-q`) also silences transformers for the duration (quiet.py)."""
     if dtype not in STORAGE_DTYPES:
         raise EdgesparseError(f"--dtype: expected one of {STORAGE_DTYPES}, got {dtype!r}")
     head_dtype = head_dtype or _HEAD_DEFAULT.get(dtype, dtype)
     if head_dtype not in STORAGE_DTYPES:
         raise EdgesparseError(f"--head-dtype: expected one of {STORAGE_DTYPES}, got {head_dtype!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise EdgesparseError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)            # before the model loads: a bad -o fails in the first second
+    with hushed(not progress):
+        return _export(model, out, dtype, force, progress, head_dtype, calibrate)
+
+
+def _export(model: str | None, out: Path, dtype: str, force: bool, progress: bool, head_dtype: str,
+            calibrate: str | None) -> Path:
+    from tqdm.auto import tqdm
     src = source.resolve(model)
     cfg = source.load_config(src)
     arch = archs.lookup(cfg.model_type)          # before loading weights: fail fast
@@ -118,7 +141,7 @@ def export(model: str | None, out: Path, dtype: str = "float32", force: bool = F
     if calibrate and "int4" in (dtype, head_dtype):
         from .imatrix import input_importance
         importance, imp_desc = input_importance(hf, arch, tok, calibrate, progress)
-    stored = lambda name, a, role: _stored(name, a, st(role), importance)  # noqa: E731
+    stored = lambda name, a, role: _stored(name, a, st(role), importance, role)  # noqa: E731
 
     with PackageWriter(out, force) as w:
         layers = []

@@ -1,8 +1,13 @@
-"""Write a package directory atomically: everything goes into a hidden temp dir beside the target,
-the manifest is written last, and one rename makes it visible. A killed export leaves only a
-`.NAME.partial-*` directory, which nothing loads unless it was already complete; an existing
-package is only replaced (with --force) after the new one is complete, by one atomic exchange
-where the platform has it (Linux renameat2), so the old or the new package is always there."""
+"""Write a package directory atomically: everything goes into a hidden partial directory beside the
+target (outdir.py names it), the manifest is written last, and one rename makes it visible. An
+existing package is only replaced (with --force; outdir.py says what it may replace) after the new
+one is complete, by one atomic exchange where the platform has it (Linux renameat2), so the old or
+the new package is always there.
+
+The partial directory is removed on an exception and on SIGTERM (for the duration of the write a
+SIGTERM raises in the main thread, then is delivered again to the previous handler, so the process
+still ends as killed by SIGTERM). A SIGKILL leaves it, unloadable unless it was already complete,
+and the next export into the same directory removes it (outdir.remove_stale_partials)."""
 
 from __future__ import annotations
 
@@ -11,13 +16,18 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.format import MANIFEST, FileEntry, Manifest, TensorEntry, dump_manifest, write_raw
+from edgesparse.format import MANIFEST, FileEntry, Manifest, TensorEntry
+from edgesparse.format_write import dump_manifest, write_raw
+
+from .outdir import check_output, partial_prefix, remove_stale_partials
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -37,27 +47,78 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+class Terminated(BaseException):
+    """SIGTERM during a write. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    between the signal and the writer (the renameat2 lookup has one) swallows it."""
+
+
+class _SigtermGuard:
+    """While installed, SIGTERM raises Terminated in the main thread, or, while `hold` is set, waits
+    until release(). Only the main thread can set a handler, and a SIGTERM the process ignores stays
+    ignored: in those cases the guard does nothing."""
+
+    def __init__(self):
+        self.prev = None
+        self.hold = False
+        self.pending = False
+        if threading.current_thread() is threading.main_thread():
+            prev = signal.getsignal(signal.SIGTERM)
+            if prev not in (signal.SIG_IGN, None):       # None: a handler set from C; leave it alone
+                self.prev = prev
+                signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if self.hold:
+            self.pending = True
+            return
+        raise Terminated()
+
+    def release(self) -> None:
+        self.hold = False
+        if self.pending:
+            raise Terminated()
+
+    def close(self, terminated: bool) -> None:
+        """Put the previous handler back; after a SIGTERM, hand the signal to it (the default one
+        ends the process here, with the status a SIGTERM gives)."""
+        if self.prev is None:
+            return
+        signal.signal(signal.SIGTERM, self.prev)
+        if terminated or self.pending:
+            if self.prev is signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif callable(self.prev):
+                self.prev(signal.SIGTERM, None)
+
+
 class PackageWriter:
     def __init__(self, out: Path, force: bool = False):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise EdgesparseError(f"{self.out}: already exists; pass --force to replace it")
-        if self.out.exists() and not (self.out / MANIFEST).is_file():
-            # --force replaces packages, never arbitrary directories.
-            raise EdgesparseError(f"{self.out}: exists and is not an edgesparse package; refusing to replace it")
-        parent = self.out.parent if str(self.out.parent) else Path(".")
-        if not parent.is_dir():
-            raise EdgesparseError(f"{parent}: output directory's parent does not exist")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
+        self.force = force
+        check_output(self.out, force)
+        self.parent = self.out.parent if str(self.out.parent) else Path(".")
+        remove_stale_partials(self.parent)      # left by exports that were killed
         self.files: dict[str, FileEntry] = {}
         self.tensors: dict[str, TensorEntry] = {}
 
     def __enter__(self) -> "PackageWriter":
+        self._guard = _SigtermGuard()
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(self.out), dir=self.parent))
+        except BaseException as e:
+            # a SIGTERM here may leave the directory unnamed: remove_stale_partials gets it later
+            self._guard.close(isinstance(e, Terminated))
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._guard.hold = True          # a second SIGTERM must not interrupt the clean-up
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        terminated = exc_type is not None and issubclass(exc_type, Terminated)
+        self._guard.close(terminated)
+        if terminated:      # still here: the previous handler let the process live
+            raise EdgesparseError(f"{self.out}: export stopped by SIGTERM; its partial directory was removed") from None
 
     def _open(self, rel: str):
         p = self.tmp / rel
@@ -88,17 +149,23 @@ class PackageWriter:
             fh.write(dump_manifest(manifest))
             fh.flush()
             os.fsync(fh.fileno())
-        old = None
+        if self.out.exists() or self.out.is_symlink():
+            check_output(self.out, self.force)      # OUT may have changed while the package was written
         if self.out.exists() and _exchange(self.tmp, self.out):
             # --force: one atomic swap, so OUT is never missing; the old package, now at tmp,
             # loses its manifest first (it no longer loads) and is then deleted.
             (self.tmp / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             return self.out
-        if self.out.exists():   # no atomic exchange here: two renames, OUT briefly missing
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.rename(self.out, old)
+        if not self.out.exists():
+            os.rename(self.tmp, self.out)
+            return self.out
+        # no atomic exchange here: two renames, OUT briefly missing. A SIGTERM between them would
+        # remove the new package with OUT gone, so it waits until the old one is gone too.
+        self._guard.hold = True
+        old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+        os.rename(self.out, old)
         os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        self._guard.release()
         return self.out

@@ -172,3 +172,50 @@ def prefill_diff():
         ref = hf(torch.tensor(ids[None])).logits[0].numpy()
         return float(np.abs(Model(pkg, ctx=128).forward(ids, all_logits=True) - ref).max())
     return diff
+
+
+def _need_llama_cpp(msg: str) -> None:
+    """A test that compares with llama.cpp's own tools skips without them, and fails when
+    EDGESPARSE_REQUIRE_LLAMA_CPP=1 (CI builds them first: .ci/run)."""
+    if os.environ.get("EDGESPARSE_REQUIRE_LLAMA_CPP") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_bin() -> Path:
+    """The directory of llama.cpp's tools (llama-bench, llama-perplexity, llama-tokenize,
+    llama-quantize), found as bench and eval find them (runtime/measure/llama_cpp.py):
+    EDGESPARSE_LLAMA_CPP_BIN, else devices/llama.cpp/build's cache for this CPU."""
+    from edgesparse.errors import EdgesparseError
+    from edgesparse.runtime.measure import llama_cpp
+    try:
+        return Path(llama_cpp.find("llama-bench")).parent
+    except EdgesparseError as e:
+        _need_llama_cpp(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (Q4_1), the source of the smollm2_pkg fixture."""
+    from edgesparse.export.source import resolve
+    src = resolve(None)
+    return Path(src.directory) / src.gguf_file
+
+
+@pytest.fixture(scope="session")
+def smol_gguf_as(llama_cpp_bin, smol_gguf, tmp_path_factory):
+    """as_type("Q4_0") -> the embedded GGUF requantized by llama.cpp's own llama-quantize
+    (--allow-requantize), made once per session: llama.cpp's files of a given width."""
+    import subprocess
+    made: dict[str, Path] = {}
+
+    def make(ftype: str) -> Path:
+        if ftype not in made:
+            out = tmp_path_factory.mktemp("gguf") / f"smol-{ftype}.gguf"
+            p = subprocess.run([str(llama_cpp_bin / "llama-quantize"), "--allow-requantize", str(smol_gguf), str(out),
+                                ftype], capture_output=True, text=True, timeout=1800)
+            assert p.returncode == 0, p.stderr[-2000:]
+            made[ftype] = out
+        return made[ftype]
+    return make

@@ -10,6 +10,10 @@ Atomic export, two ways:
   renameat2 just before an atomic exchange) until the test has checked the directory. A SIGKILL
   runs no handlers, so the state at a checkpoint is exactly what a kill at that moment would leave.
 
+SIGTERM, at checkpoints and at random points of the writing phase: the export removes its partial
+directory and ends as killed by SIGTERM. A SIGKILL's leftover is removed by the next export into the
+same directory, once its process is gone.
+
 After a kill / at a checkpoint: OUT does not exist, or it verifies and is byte-identical to a
 complete export (with --force: OUT always verifies and is the old or the new package). A leftover
 `.OUT.*` directory does not load as a package, unless it is a complete package that verifies (the
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -112,27 +118,30 @@ def measured(tiny_llama_dir, tmp_path_factory):
     return {"T": T, "t_partial": t_partial, "t_done": t_done, "digest": tree_digest(out)}
 
 
-def kill_at(cmd: list[str], out: Path, delay: float, after_partial: bool) -> bool:
-    """Run cmd and SIGKILL it `delay` seconds after it started, or (after_partial) after its
-    `.OUT.partial-*` directory appeared. True if it was killed, False if it finished first."""
+def kill_at(cmd: list[str], out: Path, delay: float, after_partial: bool,
+            sig: int = signal.SIGKILL) -> tuple[bool, int]:
+    """Run cmd and send it sig `delay` seconds after it started, or (after_partial) after its
+    `.OUT.partial-*` directory appeared. (whether the signal was sent before it finished, its exit
+    status)."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
     start = None if after_partial else t0
+    sent = False
     try:
-        while p.poll() is None:
+        while p.poll() is None and not sent:
             now = time.monotonic()
             if start is None and any(out.parent.glob(f".{out.name}.partial-*")):
                 start = now
             if start is not None and now - start >= delay:
-                p.kill()
-                return True
+                p.send_signal(sig)
+                sent = True
             assert now - t0 < KILL_TIMEOUT, "export hung"
             time.sleep(0.002)
-        return False
+        return sent, p.wait(timeout=KILL_TIMEOUT)
     finally:
         if p.poll() is None:
             p.kill()
-        p.wait()
+            p.wait()
 
 
 def kill_points(measured, n_early: int, n_late: int, rng: random.Random) -> list[tuple[float, bool]]:
@@ -151,7 +160,7 @@ def _kill_and_check(tiny_llama_dir, root: Path, i: int, point, allowed, old: Pat
     if old is not None:
         shutil.copytree(old, out)
     delay, after_partial = point
-    killed = kill_at(export_cmd(tiny_llama_dir, out, force=old is not None), out, delay, after_partial)
+    killed, _ = kill_at(export_cmd(tiny_llama_dir, out, force=old is not None), out, delay, after_partial)
     state = check_state(out, allowed, must_exist=old is not None)
     when = f"{delay:.2f}s after {'the partial dir appeared' if after_partial else 'start'}"
     return f"{when}, {'killed' if killed else 'finished'}: {state}", out
@@ -263,6 +272,116 @@ def test_export_checkpoints(tiny_llama_dir, tiny_tied_pkg, measured, tmp_path):
     # at every stop in between: check_state with must_exist)
     outs = [s.split()[1] for s in seen_force]
     assert outs[0] == "out=0" and outs[-1] == "out=1" and set(outs) == {"out=0", "out=1"}, seen_force
+
+
+# -- SIGTERM removes the partial directory; the next export removes a killed one's -------------
+# The child as on a platform without renameat2: --force replaces OUT with two renames
+NO_EXCHANGE = "import edgesparse.export.writer as W\nW._exchange = lambda a, b: False\n"
+
+
+def signal_at_checkpoint(src: Path, out: Path, force: bool, event: str, nth: int, sig: int, log: Path,
+                         prelude: str = "") -> tuple[int, int]:
+    """Run the checkpointed export (CHILD, after prelude) and send it sig at its nth stop before
+    `event`, answering 'go' to every stop (after a SIGTERM the export removes its partial directory:
+    more stops). A SIGKILL ends it there. Returns (the child's pid, its exit status)."""
+    cmd = [sys.executable, "-c", prelude + CHILD, str(out.parent)] + export_cmd(src, out, force)[3:]
+    with open(log, "wb") as err:
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        watchdog = threading.Timer(KILL_TIMEOUT, p.kill)
+        watchdog.start()
+        seen, sent = 0, False
+        try:
+            for line in p.stdout:
+                if not line.startswith("CHECKPOINT "):
+                    continue
+                if not sent and line.split()[1] == event:
+                    seen += 1
+                    if seen == nth:
+                        p.send_signal(sig)
+                        sent = True
+                try:
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                except BrokenPipeError:        # it has ended
+                    break
+            rc = p.wait()
+        finally:
+            watchdog.cancel()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert sent, f"the export made fewer than {nth} {event} stops: {log.read_text()[-2000:]}"
+    return p.pid, rc
+
+
+def test_sigterm_removes_the_partial_directory(tiny_llama_dir, tiny_tied_pkg, measured, tmp_path):
+    """SIGTERM a fresh export in the middle of its writes and just before it publishes, and a --force
+    export just before its exchange: each ends as killed by SIGTERM, leaving nothing beside OUT, and
+    OUT absent (fresh) or the old package (--force). Without renameat2, a SIGTERM between the two
+    renames of a --force export waits for the second: OUT is the new package, the old one is gone
+    (it does not leave OUT missing and the new package deleted). Then SIGTERM two fresh exports at random points
+    of their writing phase (fixed seed): whatever the moment, no partial directory remains, and OUT
+    is absent or the complete package."""
+    old = tree_digest(tiny_tied_pkg)
+    staged = [("mid", "open", 6, False, ""), ("publish", "os.rename", 1, False, ""),
+              ("exchange", "ctypes.dlsym", 1, True, ""), ("renames", "os.rename", 2, True, NO_EXCHANGE)]
+    for name, *_ in staged:
+        (tmp_path / name).mkdir()
+    for name in ("exchange", "renames"):
+        shutil.copytree(tiny_tied_pkg, tmp_path / name / "out.esp")
+    rng = random.Random(SEED + 1)
+    timed = [(tmp_path / f"t{i}", delay) for i, (delay, _) in enumerate(kill_points(measured, 0, 2, rng))]
+
+    def staged_run(a):
+        name, event, nth, force, prelude = a
+        return signal_at_checkpoint(tiny_llama_dir, tmp_path / name / "out.esp", force, event, nth, signal.SIGTERM,
+                                    tmp_path / f"{name}.log", prelude)[1]
+
+    def timed_run(a):
+        d, delay = a
+        d.mkdir()
+        return kill_at(export_cmd(tiny_llama_dir, d / "out.esp"), d / "out.esp", delay, True, signal.SIGTERM)
+
+    with ThreadPoolExecutor(2) as ex:
+        rcs = list(ex.map(staged_run, staged))
+        times = list(ex.map(timed_run, timed))
+    assert rcs == [-signal.SIGTERM] * 4, [(tmp_path / f"{n}.log").read_text()[-1000:] for n, *_ in staged]
+    assert [p.name for p in (tmp_path / "mid").iterdir()] == []
+    assert [p.name for p in (tmp_path / "publish").iterdir()] == []
+    assert [p.name for p in (tmp_path / "exchange").iterdir()] == ["out.esp"]
+    assert tree_digest(tmp_path / "exchange" / "out.esp") == old
+    assert [p.name for p in (tmp_path / "renames").iterdir()] == ["out.esp"]
+    assert tree_digest(tmp_path / "renames" / "out.esp") == measured["digest"]
+    for (d, delay), (sent, rc) in zip(timed, times):
+        assert rc == (-signal.SIGTERM if sent else 0), (delay, sent, rc)
+        left = [p.name for p in d.iterdir()]
+        assert left in ([], ["out.esp"]), (delay, left)
+        if left:
+            assert tree_digest(d / "out.esp") == measured["digest"]
+
+
+def test_next_export_removes_a_killed_exports_partial(tiny_llama_dir, tmp_path, capsys):
+    """A SIGKILL runs no handler: the partial directory stays, named with the process. The next
+    export into that directory removes it (and any other partial of a process that is gone here),
+    and leaves alone the partials of a live process, of another host and of an unknown writer."""
+    d = tmp_path / "d"
+    d.mkdir()
+    pid, rc = signal_at_checkpoint(tiny_llama_dir, d / "a.esp", False, "open", 6, signal.SIGKILL, tmp_path / "a.log")
+    assert rc == -signal.SIGKILL
+    (left,) = d.iterdir()
+    assert left.name.startswith(f".a.esp.partial-{pid}@"), left.name
+    host = left.name.split("@", 1)[1].rsplit("-", 1)[0]
+    gone = d / f".b.esp.partial-{pid}@{host}-zz_9zz9z"              # another name, same dead writer
+    alive = d / f".c.esp.partial-{os.getpid()}@{host}-abcd1234"    # this test: alive
+    other_host = d / f".d.esp.partial-{pid}@{host}x-abcd1234"       # cannot be checked from here
+    unknown = d / ".e.esp.partial-abcd1234"                          # no writer recorded
+    for p in (gone, alive, other_host, unknown):
+        p.mkdir()
+        (p / "x.bin").write_bytes(b"x")
+    assert main(["export", str(tiny_llama_dir), "-o", str(d / "out.esp"), "-q"]) == 0
+    assert main(["verify", str(d / "out.esp")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in d.iterdir()) == sorted(["out.esp", alive.name, other_host.name, unknown.name])
 
 
 # -- nothing in a package is executed ----------------------------------------------------------

@@ -1,6 +1,7 @@
 """bench --against: engine selection, the source model each engine gets, and the error paths
-(runtime/measure/against.py; the ort and transformers engines: export/engines.py). The llama.cpp engine itself runs only where llama-cpp-python is installed
-(a 20-minute source build; CI skips it)."""
+(runtime/measure/against.py; the ort and transformers engines: export/engines.py), and a real run
+of llama.cpp's llama-bench beside edgesparse (llama_bench.py; the tools from devices/llama.cpp/build:
+skipped without them, a failure in CI)."""
 
 from __future__ import annotations
 
@@ -22,17 +23,21 @@ def manifest(kind: str, model: str):
 def test_parse_engines():
     assert against.parse("ort, llama.cpp,ort") == ["ort", "llama.cpp"]
     assert against.parse("") == [] and against.parse(None) == []
-    with pytest.raises(EdgesparseError, match=r"--against: unknown engine\(s\) onnx.*ort, transformers, llama.cpp"):
+    assert against.parse("llama.cpp-norepack,llama.cpp") == ["llama.cpp-norepack", "llama.cpp"]
+    with pytest.raises(EdgesparseError, match=r"--against: unknown engine\(s\) onnx.*ort, transformers, llama.cpp, "
+                       r"llama.cpp-norepack"):
         against.parse("ort,onnx")
 
 
 def test_missing_modules_name_the_install(monkeypatch):
-    monkeypatch.setattr(against, "_found", lambda m: m not in ("llama_cpp", "optimum.onnxruntime"))
-    with pytest.raises(EdgesparseError, match=r"--against llama.cpp: llama_cpp not installed: pip install llama-cpp"):
-        against.check_installed("llama.cpp")
+    monkeypatch.setattr(against, "_found", lambda m: m != "optimum.onnxruntime")
     with pytest.raises(EdgesparseError, match=r"--against ort: optimum.onnxruntime not installed: .*\[export\]"):
         against.check_installed("ort")
     against.check_installed("transformers")
+    # the llama.cpp engines need no Python module: their tools are found by llama_cpp.find
+    monkeypatch.setattr(against, "_found", lambda m: False)
+    against.check_installed("llama.cpp")
+    against.check_installed("llama.cpp-norepack")
     # a missing parent package is "not installed", not a crash
     monkeypatch.undo()
     assert against._found("no_such_package_xyz.sub") is False
@@ -69,20 +74,6 @@ def test_gguf_for(tmp_path, monkeypatch):
         against.gguf_for(manifest("gguf", "no_such_models:M.gguf"), None)
 
 
-def test_llama_cpp_engine_on_the_default_gguf():
-    """The real llama.cpp (llama-cpp-python, when installed: a 20-minute source build, so CI skips
-    this) on the embedded SmolLM2 Q4_1 GGUF with repacking off (with it, quantized GGUFs crash on
-    this workstation's CPU): it loads, runs the prompt and decodes greedily, timed per token."""
-    pytest.importorskip("llama_cpp")
-    from edgesparse.export.source import resolve
-    src = resolve(None)
-    r = against.measure("llama.cpp", f"{src.directory}/{src.gguf_file}", 2, 8, 4)
-    print({k: v for k, v in r.items() if k not in ("after_load", "end")})
-    assert r["repack"] is False and r["tok_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
-    assert r["bytes_per_token"] == os.path.getsize(f"{src.directory}/{src.gguf_file}")
-    assert set(r["after_load"]) == set(r["end"]) >= {"rss_mb", "peak_rss_mb", "rss_file_mb", "rss_anon_mb"}
-
-
 def run(capsys, *argv) -> tuple[int, str]:
     rc = main([str(a) for a in argv])
     return rc, capsys.readouterr().err
@@ -94,20 +85,30 @@ def test_cli_against_errors(tiny_llama_pkg, tmp_path, capsys, monkeypatch):
     assert rc == 1 and "--against: unknown engine(s) vllm" in err
     rc, err = run(capsys, "bench", tiny_llama_pkg, "--gguf", tmp_path / "m.gguf", "-o", out, "-q")
     assert rc == 1 and "--gguf: only used with --against llama.cpp" in err
-    monkeypatch.setattr(against, "_found", lambda m: m != "llama_cpp")
-    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp", "-o", out, "-q")
-    assert rc == 1 and "not installed: pip install llama-cpp-python" in err
-    # checked before the (slow) ORT export starts
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--llama-bench", tmp_path / "llama-bench", "-o", out, "-q")
+    assert rc == 1 and "--llama-bench: only used with --against llama.cpp" in err
+    # llama-bench not found: each way of naming it says what was wrong, before the (slow) ORT export
+    monkeypatch.delenv("EDGESPARSE_LLAMA_CPP_BIN", raising=False)
+    monkeypatch.setenv("EDGESPARSE_CACHE", str(tmp_path / "empty-cache"))
     rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort,llama.cpp", "--against-cache", tmp_path / "c",
                   "-o", out, "-q")
-    assert rc == 1 and "pip install llama-cpp-python" in err and not (tmp_path / "c").exists()
+    assert rc == 1 and "llama.cpp's llama-bench not found" in err and "run devices/llama.cpp/build" in err
+    assert "--llama-bench PATH" in err and not (tmp_path / "c").exists()
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp", "--llama-bench", tmp_path / "nope",
+                  "-o", out, "-q")
+    assert rc == 1 and f"--llama-bench {tmp_path / 'nope'}: not an executable file" in err
+    monkeypatch.setenv("EDGESPARSE_LLAMA_CPP_BIN", str(tmp_path))
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp-norepack", "-o", out, "-q")
+    assert rc == 1 and f"EDGESPARSE_LLAMA_CPP_BIN={tmp_path}: no executable llama-bench there" in err
+    # with a llama-bench (never run here), the GGUF: the tiny package came from an HF directory
+    exe = tmp_path / "llama-bench"
+    exe.write_text("#!/bin/sh\nexit 1\n")
+    exe.chmod(0o755)
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp", "-o", out, "-q")
+    assert rc == 1 and "not a GGUF; pass --gguf FILE" in err
     monkeypatch.setattr(against, "_found", lambda m: m != "optimum.onnxruntime")
     rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "ort", "-o", out, "-q")
     assert rc == 1 and "pip install 'edgesparse[export]'" in err
-    monkeypatch.setattr(against, "_found", lambda m: True)
-    # the tiny package came from an HF directory: llama.cpp needs a GGUF
-    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp", "-o", out, "-q")
-    assert rc == 1 and "not a GGUF; pass --gguf FILE" in err
     assert not out.exists()
 
 
@@ -139,30 +140,50 @@ def test_cli_against_ort_and_transformers(tiny_llama_pkg, tmp_path, capsys):
     assert (ort_dir / "ort").stat().st_mtime_ns == stamp             # reused, not exported again
 
 
-@pytest.mark.slow
-def test_llama_cpp_perplexity_on_the_default_gguf(smollm2_pkg):
-    """llama.cpp's perplexity on the same windows as the runtime's dense model, both from the
-    embedded Q4_1 GGUF. They differ only by arithmetic: llama.cpp rounds activations to 8 bits for
-    its Q4_1 dot products (ggml's q4_1 x q8_1 path), the runtime multiplies the dequantized float32
-    weights in float32: well under 3% apart. A logits row paired with the wrong target token
-    (off by one) gives a perplexity tens of times higher."""
-    pytest.importorskip("llama_cpp")
-    from edgesparse.export.source import resolve
-    from edgesparse.runtime.sparsity.evaluate import perplexity
-    from edgesparse.runtime.core.model import Model
-    from edgesparse.runtime.core.text import TextCodec
-    from edgesparse.runtime.sparsity.textdata import token_windows
-    m = Model(smollm2_pkg, ctx=128, max_batch=128)
-    text = "The quick brown fox jumps over the lazy dog. " * 8 + "Paris is the capital of France, and Berlin " * 8
-    windows = token_windows(TextCodec(m.pkg).encode(text, special=False), 128, 2, "text")
-    src = resolve(None)
-    ours = perplexity(m, windows)
-    theirs = against.llama_cpp_perplexity(f"{src.directory}/{src.gguf_file}", windows, 2)
-    print(f"perplexity on 2 x 128 tokens: runtime {ours:.4f}, llama.cpp Q4_1 {theirs:.4f}")
-    assert abs(theirs / ours - 1) < 0.03
+def test_cli_against_llama_bench(tiny_llama_pkg, smol_gguf_as, tmp_path, capsys):
+    """llama.cpp's own llama-bench beside edgesparse, both engines' rows and two rounds: llama-bench
+    is asked for exactly the decode steps bench times (gen-tokens - 1 after the prompt, -d), with
+    repacking on (its default) and off (the extra row), and its own records land in bench.json. The
+    GGUF is SmolLM2's Q4_0 against a float32 package: bench says the widths differ."""
+    gguf = smol_gguf_as("Q4_0")
+    out = tmp_path / "b"
+    rc, err = run(capsys, "bench", tiny_llama_pkg, "--against", "llama.cpp,llama.cpp-norepack", "--gguf", gguf,
+                  "--threads", 1, "--gen-tokens", 5, "--prompt-tokens", 4, "--rounds", 2, "-o", out, "-q")
+    assert rc == 0, err
+    assert f"bench: warning: {gguf} is llama.cpp Q4_0, the package is float32: not the same width" in err
+    res = json.loads((out / "bench.json").read_text())
+    ours, on, off = res["summary"]
+    assert [r["engine"] for r in (ours, on, off)] == ["edgesparse", "llama.cpp", "llama.cpp-norepack"]
+    import statistics
+    for r, repack in ((on, True), (off, False)):
+        assert len(r["runs"]) == 2 and r["repack"] is repack and r["gguf_type"] == "Q4_0"
+        for run_ in r["runs"]:
+            dec, pre = run_["llama_bench"]["decode"], run_["llama_bench"]["prefill"]
+            print(r["engine"], {k: dec[k] for k in ("model_type", "model_size", "repack", "n_gen", "n_depth",
+                                                    "avg_ts")}, "prefill", pre["n_prompt"], pre["avg_ns"])
+            assert (dec["n_prompt"], dec["n_gen"], dec["n_depth"], dec["n_threads"]) == (0, 4, 4, 1)
+            assert (pre["n_prompt"], pre["n_gen"], pre["n_depth"]) == (4, 0, 0)
+            assert dec["repack"] is repack and pre["repack"] is repack and dec["model_type"].endswith(" Q4_0")
+            assert dec["flash_attn"] == -1 and dec["load_mode"] == "auto"        # llama-bench's defaults
+            assert run_["tok_s"] == pytest.approx(dec["avg_ts"]) and run_["prefill_ms"] == pytest.approx(
+                pre["avg_ns"] / 1e6)
+            # SmolLM2 ties its output to the token embedding: a decode step reads every tensor once,
+            # which is llama.cpp's own count of the model's tensor bytes
+            assert run_["bytes_per_token"] == dec["model_size"]
+            assert run_["end"]["peak_rss_mb"] * 2**20 > 0.9 * dec["model_size"]
+        assert r["tok_s"] == pytest.approx(statistics.median(x["tok_s"] for x in r["runs"]))
+        assert r["p50_ms"] is None and r["rss_after_load_mb"] is None and r["peak_rss_mb"] > 0
+    for r in (ours, on, off):      # effective bandwidth: bytes per token x tokens per second
+        assert r["gb_s"] == pytest.approx(statistics.median(x["bytes_per_token"] * x["tok_s"] for x in r["runs"]) / 1e9)
+    md = (out / "bench.md").read_text()
+    print(md)
+    assert "| MB read/token | GB/s |" in md
+    assert "| llama.cpp Q4_0 | - | - | 1 |" in md and "| llama.cpp Q4_0, repack off | - | - | 1 |" in md
+    assert f"decode `-t 1 -r 1 -o json -p 0 -n 4 -d 4`, prefill `-t 1 -r 1 -o json -p 4 -n 0`" in md
+    assert "Not the same width: the package is float32, the GGUF Q4_0 (the same width is F32)" in md
 
 
-def test_cli_eval_against_errors(tiny_llama_pkg, tmp_path, capsys):
+def test_cli_eval_against_errors(tiny_llama_pkg, tmp_path, capsys, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("w3 w4 w5 " * 200)
     base = ("eval", tiny_llama_pkg, "--text", text, "--ctx", "16", "--sparsity", "0", "-o", tmp_path / "e", "-q")
@@ -170,3 +191,9 @@ def test_cli_eval_against_errors(tiny_llama_pkg, tmp_path, capsys):
     assert rc == 1 and "--gguf: only used with --against llama.cpp" in err
     rc, err = run(capsys, *base, "--against", "ort")
     assert rc == 1 and "eval compares with llama.cpp only" in err
+    # llama.cpp's tools are looked for before anything is evaluated
+    monkeypatch.delenv("EDGESPARSE_LLAMA_CPP_BIN", raising=False)
+    monkeypatch.setenv("EDGESPARSE_CACHE", str(tmp_path / "empty-cache"))
+    rc, err = run(capsys, *base, "--against", "llama.cpp")
+    assert rc == 1 and "llama.cpp's llama-perplexity not found" in err and "run devices/llama.cpp/build" in err
+    assert not (tmp_path / "e").exists()

@@ -110,8 +110,11 @@ def test_cli_eval_outputs(eval_out, text_file, tiny_hf, capsys):
     # sparse results differ from dense (the thresholds were applied) but not wildly, on this model
     assert all(r["perplexity"] != rs[0]["perplexity"] for r in rs[1:])
     md = (eval_out / "eval.md").read_text().splitlines()
-    assert md[0].startswith("| method | target | perplexity") and len(md) == 2 + len(rs)
-    assert md[2].startswith("| dense | 0.0 | ") and f"{rs[0]['perplexity']:.2f}" in md[2]
+    # what the numbers are, then the table
+    assert md[0].startswith("edgesparse's perplexity on ") and "3 non-overlapping windows of 128 tokens" in md[0]
+    assert f"all 127 positions of each scored ({3 * 127} predictions in all)" in md[0]
+    assert md[2].startswith("| method | target | perplexity") and len(md) == 4 + len(rs)
+    assert md[4].startswith("| dense | 0.0 | ") and f"{rs[0]['perplexity']:.2f}" in md[4]
     pngs = sorted(p.name for p in eval_out.glob("*.png"))
     print(pngs)
     assert pngs == ["activation_histograms.png", "perplexity_vs_sparsity.png", "quality_vs_sparsity.png",

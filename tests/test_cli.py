@@ -87,7 +87,7 @@ def test_chat_template_renders_like_transformers(capsys, tiny_llama_pkg, tiny_ll
     import dataclasses
     from transformers import AutoTokenizer
 
-    from edgesparse.format import write_manifest_atomic
+    from edgesparse.format_write import write_manifest_atomic
     from edgesparse.runtime.core.package import Package
     from edgesparse.runtime.core.text import TextCodec
     pkg = tmp_path / "chat.esp"

@@ -295,7 +295,7 @@ def test_manifest_predictor_entries_checked(pred_pkg, tmp_path, capsys, edit, ne
 def test_manifest_pred_threshold_round_trips(pred_pkg, tmp_path):
     """Integer pred_thresholds load as floats; the writer emits the three keys only for layers
     that have a predictor, and what it writes reads back the same."""
-    from edgesparse.format import dump_manifest
+    from edgesparse.format_write import dump_manifest
     pkg = tmp_path / "pkg"
     shutil.copytree(pred_pkg, pkg)
     edit_manifest(pkg, lambda d: (d["layers"][0].update(pred_threshold=0), d["layers"][1].update(pred_threshold=2),

@@ -13,7 +13,8 @@ from edgesparse.errors import EdgesparseError
 from edgesparse.runtime import kernels as K
 from edgesparse.runtime.sparsity.levels import configure
 from edgesparse.runtime.core.model import SMALL_BATCH, Model
-from helpers.predictor_ref import (LOGIT_TOL, act_ref, assert_logits, decode_logits, pred_pkg, pred_rows, ref)
+from helpers.predictor_ref import (LOGIT_TOL, act_ref, assert_logits, decode_logits, pred_pkg, pred_rows, ref,  # noqa: F401
+                                    text_file)
 
 
 def test_predict_at_zero_is_the_dense_model(pred_pkg):

@@ -1,6 +1,7 @@
-"""Quantized storage (`export --dtype int8|int4`, edgesparse/quant.py): int8 with one float32
-scale per row, int4 in Q4_0-style groups of 32 with a float16 scale each; dequantized on the fly by
-the kernels, accumulation in float32.
+"""Quantized storage (`export --dtype int8|int4`): Q8_0- / Q4_0-style groups of 32 with a float16 scale
+each (edgesparse/quant.py), repacked into 16-row tiles and FFN blocks of 16 neurons
+(edgesparse/tiles.py); int8 rows that are not whole groups keep one float32 scale per row. The
+kernels read them without widening; accumulation in float32.
 
 The reference is transformers itself running the *quantized* model: the same HF model with each
 stored weight replaced by what its stored form stands for (edgesparse.quant's own encoders and
@@ -22,19 +23,60 @@ import pytest
 ATOL = 2e-5
 # ... except where an input lies within that noise of a rounding boundary of the int8 activations:
 # the two sides then round it one step apart (one qx_k differs by 1, x by 1/127 of its block's
-# largest value). Seen once here: Gemma-3 int8 and int4 decode, layer 2's q|k|v input at position
-# 16, 3e-5 of a step from the boundary; the logits of the 8 positions in that layer's sliding window
-# moved by 6e-3. FLIP_TOL bounds such a step's effect an order above that; no logit may go past it,
-# most logits must still agree to ATOL, and every argmax must agree.
+# largest value), and from that position on the two models are no longer bit-equal. Seen here:
+# Gemma-3 int8 and int4, a q|k|v input at position 16 (3e-5 of a step from the boundary); the
+# Llama int4 export with calibration text, position 0 of a 40-token prefill (logits moved 5e-3);
+# the logits after it moved by up to 1e-2, every later position (a full-attention layer sees it).
+# Where that happens is measured, not assumed: _reference runs transformers again with every
+# rounded input nudged by NUDGE of its row's largest value (float32 noise is ~1e-7 of it), up and down; a
+# position whose logits move then is one where a rounding boundary lies within noise.
+# So: every position before the first departure agrees to ATOL (the arithmetic is the same, and
+# any wrong scale, nibble order or rounding would show from position 0, as every position uses
+# every weight), that departure comes after at least MIN_EXACT positions or at a position the
+# nudged references found sensitive, no logit goes past FLIP_TOL, and every argmax agrees but where
+# the reference's top two logits are closer than the logits moved.
 FLIP_TOL = 5e-2
+MIN_EXACT = 8
 
 
-def _assert_close(got: np.ndarray, ref: np.ndarray) -> float:
-    """got, ref [S, V] logits: equal to float32 noise up to the rare activation-rounding step above."""
+NUDGE = 1e-6
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray, sensitive: int | None = None) -> float:
+    """got, ref [S, V] logits: equal to float32 noise up to the rare activation-rounding step above;
+    sensitive: the first position where a nudged reference departs (_reference), None: unknown."""
     diff = np.abs(got - ref)
-    assert diff.max() < FLIP_TOL and np.median(diff) < ATOL, (diff.max(), np.median(diff))
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    off = diff.max(axis=1) >= ATOL                          # [S] positions past float32 noise
+    first = int(np.argmax(off)) if off.any() else len(off)
+    allowed = min(MIN_EXACT, len(off), len(off) if sensitive is None else sensitive)
+    assert diff.max() < FLIP_TOL, diff.max()
+    assert first >= allowed, f"logits depart at position {first} (sensitive from {sensitive}): {diff.max(1)[:first + 1]}"
+    # argmax agrees wherever the reference's top two are further apart than the logits moved
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * diff.max(axis=1)  # [S]
+    assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
     return float(diff.max())
+
+
+_nudge = [0.0]      # the relative nudge _round_input applies before rounding (0 but in _reference)
+
+
+def _reference(hf, ids) -> tuple[np.ndarray, int]:
+    """(logits [S, V] of transformers with int8-rounded inputs, the first position whose logits
+    move by ATOL when every rounded input is nudged by NUDGE up or down; S if none)."""
+    import torch
+    x = torch.tensor(np.asarray(ids)[None])
+    ref = hf(x).logits[0].numpy()
+    sensitive = len(ids)
+    try:
+        for n in (NUDGE, -NUDGE):
+            _nudge[0] = n
+            moved = np.flatnonzero(np.abs(hf(x).logits[0].numpy() - ref).max(axis=1) >= ATOL)
+            sensitive = min(sensitive, int(moved[0]) if moved.size else len(ids))
+    finally:
+        _nudge[0] = 0.0
+    return ref, sensitive
+
 
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
@@ -54,7 +96,10 @@ ROUNDED_INPUT = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj"
 def _round_input(module, args):
     import torch
     from edgesparse.quant import round_activations
-    return (torch.from_numpy(round_activations(args[0].numpy())),) + tuple(args[1:])
+    x = args[0].numpy()
+    if _nudge[0]:       # by a fraction of the row's largest value: float32 noise is absolute, ~its ulp
+        x = x + np.float32(_nudge[0]) * np.abs(x).max(axis=-1, keepdims=True)
+    return (torch.from_numpy(round_activations(x)),) + tuple(args[1:])
 
 
 def _stands_for(w: np.ndarray, dtype: str) -> np.ndarray:
@@ -99,27 +144,29 @@ def case(request, tiny_model_factory, tmp_path_factory, randomize):
 
 
 def test_quantized_package_layout(case):
+    from edgesparse import tiles
     from edgesparse.runtime.core.package import Package
     name, _, pkg = case
     p = Package(pkg)
-    ffn, sc = p.tensor("layers.0.ffn"), p.tensor("layers.0.ffn.scale")
-    N, R, D = p.manifest.tensor("layers.0.ffn").shape
+    ffn = p.tensor("layers.0.ffn")
+    t = p.manifest.tensor("layers.0.ffn")
+    N, R, D = t.shape
     assert p.tensor("layers.0.attn_norm").dtype == np.float32            # norms stay float32
-    if " int8 " in name:
-        # rows of 96 values: groups of 32 with a float16 scale each (Q8_0); the extreme of a group is 127
-        assert ffn.dtype == np.int8 and sc.dtype == np.float16 and sc.shape == (N, R, D // 32)
-        assert p.tensor("embed").dtype == np.int8
-        assert p.tensor("embed.scale").shape == (p.config.vocab_size, p.config.embed_dim // 32)
-        assert (np.abs(ffn.reshape(N, R, D // 32, 32)).max(axis=-1) == 127).all()
-    else:
-        # two values per byte, one float16 scale per group of 32; the extreme value of a group is -8
-        assert ffn.dtype == np.uint8 and ffn.shape == (N, R, D // 2)
-        assert sc.dtype == np.float16 and sc.shape == (N, R, D // 32)
-        # int4 and int8 heads alike: a scale per group of 32 (float16)
-        assert p.tensor("embed.scale").shape == (p.config.vocab_size, p.config.embed_dim // 32)
-        assert ((ffn & 15).min(), (ffn >> 4).min()) == (0, 0)
+    assert not [n for n in p.manifest.tensors if n.endswith(".scale")]   # tiles carry their scales
+    bits = 8 if " int8 " in name else 4
+    # the FFN in blocks of 16 neurons, every matrix in 16-row tiles (edgesparse/tiles.py)
+    assert t.dtype == f"q{bits}ffn" and ffn.dtype == (np.int8 if bits == 8 else np.uint8)
+    assert ffn.shape == (tiles.padded(N) // 16, tiles.ffn_block_bytes(R, D, bits))
+    head_bits = 4 if "head int4" in name else 8
+    e = p.manifest.tensor("embed")
+    assert e.dtype == f"q{head_bits}x16" and p.tensor("embed").shape == tiles.tiled_shape(e.shape, head_bits)
+    assert p.manifest.tensor("layers.0.qkv").dtype == f"q{bits}x16"
+    q, d = tiles.from_ffn_blocks(ffn.view(np.uint8), N, R, D, bits)
+    ext = np.abs(q.reshape(N, R, D // 32, 32)).max(axis=-1)
+    # the extreme of a group: Q8_0's 127; Q4_0's search lands on -8 (or 7) in most groups
+    assert (ext == 127).all() if bits == 8 else (ext >= 7).mean() > 0.9
     total = {dt: sum(t.nbytes for t in p.manifest.tensors.values() if t.dtype == dt)
-             for dt in ("float32", "float16", "int8", "int4")}
+             for dt in sorted({t.dtype for t in p.manifest.tensors.values()})}
     print(f"{name}: bytes by dtype {total}")
 
 
@@ -129,61 +176,51 @@ def test_quantized_logits_match_the_quantized_model(case):
     name, hf, pkg = case
     for S in (40, 90):     # the Numba kernels (quantized loads) and the BLAS path (widened per layer)
         ids = np.random.default_rng(0).integers(3, 211, S)
-        ref = hf(torch.tensor(ids[None])).logits[0].numpy()
-        d = _assert_close(Model(pkg, ctx=128).forward(ids, all_logits=True), ref)
+        ref, sensitive = _reference(hf, ids)
+        d = _assert_close(Model(pkg, ctx=128).forward(ids, all_logits=True), ref, sensitive)
         print(f"{name}: prefill of {S} tokens, max |dlogit| {d:.2e}")
     m = Model(pkg, ctx=128)
     ids = np.random.default_rng(1).integers(3, 211, 30)
-    ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+    ref, sensitive = _reference(hf, ids)
     out = np.array([m.forward(ids[:4]).copy()] + [m.forward([i]).copy() for i in ids[4:]])   # [27, V]
     off = np.flatnonzero((np.abs(out - ref[3:]) > ATOL).any(axis=1)) + 3
-    d = _assert_close(out, ref[3:])
+    d = _assert_close(out, ref[3:], max(sensitive - 3, 0))
     print(f"{name}: decode max |dlogit| {d:.2e}; positions beyond ATOL (a rounding step): {off.tolist()}")
 
 
-def test_quantized_thresholded_and_predict_modes_run(case, tmp_path):
-    """Threshold and predict modes on quantized rows: the predictor is built from the dequantized rows,
-    and at t = 0 / t_pred = 0 both modes are the dense int8 model."""
-    import shutil
-    from edgesparse.quant import dequantize
-    from edgesparse.runtime.sparsity import predictor
+def test_quantized_threshold_mode_and_no_predictor(case, tmp_path):
+    """Threshold mode on tiled FFN blocks at t = 0 is the dense model; a predictor is refused with
+    a message saying why (predict mode skips single neurons' gate and up rows, which tiles of 16
+    neurons do not have)."""
+    from edgesparse.errors import EdgesparseError
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.package import Package
+    from edgesparse.runtime.sparsity import predictor
     name, _, pkg = case
-    dst = tmp_path / "p"
-    shutil.copytree(pkg, dst)
-    p = Package(dst)
-    pred = predictor.build(p)
-    w = dequantize(p.tensor("layers.0.ffn"), p.tensor("layers.0.ffn.scale"))
-    np.testing.assert_array_equal(pred[0][0], predictor.quantize(w)[0])   # from the rows it stands for
-    from edgesparse.format import write_manifest_atomic
-    write_manifest_atomic(dst, predictor.install(dst, p.manifest, pred, [0.0] * p.config.n_layers))
+    with pytest.raises(EdgesparseError, match="16 neurons"):
+        predictor.build(Package(pkg))
     ids = np.random.default_rng(2).integers(3, 211, 12)
-    dense = Model(dst, ctx=64)
+    dense = Model(pkg, ctx=64)
     dense.set_ffn_mode("dense")
     want = [dense.forward(ids[:3]).copy()] + [dense.forward([i]).copy() for i in ids[3:]]
-    m = Model(dst, ctx=64)
-    m.set_ffn_mode("predict")
+    m = Model(pkg, ctx=64)
+    m.configure("threshold", [0.0] * m.cfg.n_layers)
     got = [m.forward(ids[:3]).copy()] + [m.forward([i]).copy() for i in ids[3:]]
     d = np.abs(np.array(got) - np.array(want)).max()
-    print(f"{name}: predict with t_pred = 0, t = 0 vs dense, max |dlogit| {d:.2e}")
-    assert d < ATOL
+    print(f"{name}: threshold mode at t = 0 vs dense, max |dlogit| {d:.2e}")
+    assert d == 0
 
 
-@pytest.mark.parametrize("dtype,O,D,S", [("int8", 37, 29, 1), ("int8", 130, 61, 5), ("int8g", 37, 96, 1),
-                                         ("int8g", 131, 160, 5), ("int8g", 33, 128, 2), ("int4", 37, 96, 1),
-                                         ("int4", 131, 160, 5), ("int4", 33, 128, 2)])
+@pytest.mark.parametrize("dtype,O,D,S", [("int8", 37, 29, 1), ("int8", 130, 61, 5), ("int8", 33, 40, 2)])
 def test_quantized_kernels_vs_numpy(dtype, O, D, S):
-    """linear, gather_rows and ffn_glu_batch on quantized rows against NumPy on the dequantized
-    rows, odd row counts (int8: a scale per row; int8g, int4: per group of 32, whole groups, odd
-    and even group counts: the VNNI kernel takes groups in pairs). Grouped rows meet the input
-    rounded to int8 per block (quant.round_activations), so the reference rounds it too; the
-    FFN's down projection takes float h. Tolerance: D-term float32 dot products,
+    """linear, gather_rows and ffn_glu_batch on int8 rows with a scale per row (rows that are not
+    whole groups of 32; grouped rows are tiled: tests/test_tile_kernels.py) against NumPy on the
+    dequantized rows, odd row counts. Tolerance: D-term float32 dot products,
     |error| <= D * eps32 * sum|w_k x_k|, times 4 for the scale multiplies (per row or per group)
     and the chunked partial sums."""
-    from edgesparse.quant import dequantize, quantize_int4, quantize_int8_groups, quantize_rows, round_activations
+    from edgesparse.quant import dequantize, quantize_rows
     from edgesparse.runtime import kernels as K
-    enc = {"int8": quantize_rows, "int8g": quantize_int8_groups, "int4": quantize_int4}[dtype]
+    enc = quantize_rows
     kern = lambda s: s.view(np.uint16) if s.dtype == np.float16 else s   # noqa: E731 (the runtime's view)
     eps = np.finfo(np.float32).eps
     rng = np.random.default_rng(O + D)
@@ -193,7 +230,7 @@ def test_quantized_kernels_vs_numpy(dtype, O, D, S):
     bias = rng.standard_normal(O).astype(np.float32)
     Y = np.full((S, O), np.nan, np.float32)
     K.linear(q, kern(s), X, bias, np.zeros((0, O), np.float32), Y, 2)
-    Xr = round_activations(X) if dtype != "int8" else X                # what the kernels multiply with
+    Xr = X                                                             # int8 rows meet float inputs
     ref = Xr.astype(np.float64) @ wd.T + bias
     tol = 4 * D * eps * (np.abs(Xr) @ np.abs(wd).T + np.abs(bias)) + 1e-30
     print(f"linear {dtype} [{O},{D}] x {S}: max |diff| {np.abs(Y - ref).max():.2e}")
@@ -241,19 +278,21 @@ def test_activation_rounding_kernel_matches_numpy():
 
 
 @pytest.mark.skipif(not __import__("platform").machine().lower() in ("x86_64", "amd64"), reason="x86 only")
-def test_grouped_kernels_without_vnni(tmp_path):
-    """The kernel tests above again with NUMBA_CPU_NAME=haswell (AVX2 and F16C, no AVX-512): no VNNI,
-    so the grouped dots take the portable IR (the path ARM boards run) and must meet the same NumPy
+def test_tile_kernels_without_vnni(tmp_path):
+    """The tile kernel tests again with NUMBA_CPU_NAME=haswell (AVX2 and F16C, no AVX-512): no VNNI,
+    so the tiles take the portable IR (the path ARM boards run) and must meet the same NumPy
     references. (Not "generic": without F16C LLVM calls compiler-rt for half -> float, which
     Numba's JIT does not link.) Own Numba cache directory, so no cached VNNI code is picked up."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    tests = Path(__file__).with_name("test_tile_kernels.py")
     code = ("from edgesparse.runtime.kernels import grouped as K; assert not K._VNNI; import pytest, sys; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--import-mode=importlib', "
-            f"r'{__file__}', '-k', 'kernels_vs_numpy and (int4 or int8g)']))")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+            f"r'{tests}', '-k', 'not 1536 and not rounding_error']))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     print(r.stdout[-400:])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
@@ -306,14 +345,14 @@ def int4_pkg(tiny_llama_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("edit,msg", [
-    (lambda t: t["layers.0.ffn.scale"].update(shape=t["layers.0.ffn.scale"]["shape"][:2]),
-     r"int4 tensor 'layers.0.ffn' needs a float16 tensor 'layers.0.ffn.scale' of shape \[\d+, \d, \d+\]"),
-    (lambda t: t["layers.0.ffn.scale"].update(dtype="int8"), "needs a float16 tensor 'layers.0.ffn.scale'"),
+    (lambda t: t["layers.0.ffn"].update(dtype="q4x16"), r"tensor 'layers.0.ffn' must be .*q4ffn.*got q4x16"),
+    (lambda t: t["layers.0.qkv"].update(dtype="q4ffn"), r"tensors\['layers.0.qkv'\]: a q4ffn tensor is an FFN"),
     (lambda t: t["layers.0.qkv"].update(shape=[t["layers.0.qkv"]["shape"][0], 40]),
      "rows are groups of 32 values; the last axis is 40"),
+    (lambda t: t["layers.0.ffn"].update(shape=t["layers.0.ffn"]["shape"][:2]), r"is an FFN \[n_neurons, R, d_model\]"),
 ])
 def test_int4_manifest_errors_name_the_tensor(int4_pkg, tmp_path, edit, msg):
-    """A manifest whose int4 tensor or scales do not match the encoding is refused with a message
+    """A manifest whose int4 tensor does not match its role or encoding is refused with a message
     naming the tensor and what was expected."""
     import json
     import shutil
@@ -370,7 +409,6 @@ def test_int4_export_with_calibration_text(tiny_llama_dir, tmp_path):
     import torch
     import transformers
     from edgesparse.export import export
-    from edgesparse.quant import dequantize
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.package import Package
     rng = np.random.default_rng(3)
@@ -385,7 +423,8 @@ def test_int4_export_with_calibration_text(tiny_llama_dir, tmp_path):
 
     torch.set_grad_enabled(False)
     hf = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    t = lambda n: dequantize(p.tensor(n), p.tensor(n + ".scale"))  # noqa: E731
+    from edgesparse.runtime.core.blas import decoded
+    t = lambda n: decoded(p, n)  # noqa: E731
     for l, layer in enumerate(hf.model.layers):
         a = layer.self_attn
         q, k, v = np.split(t(f"layers.{l}.qkv"), np.cumsum([a.q_proj.out_features, a.k_proj.out_features]))
@@ -401,7 +440,8 @@ def test_int4_export_with_calibration_text(tiny_llama_dir, tmp_path):
         if name.split(".")[-1] in ROUNDED_INPUT and mod.in_features % 32 == 0:
             mod.register_forward_pre_hook(_round_input)
     ids = rng.integers(3, 211, 40)
-    d = _assert_close(Model(pkg, ctx=128).forward(ids, all_logits=True), hf(torch.tensor(ids[None])).logits[0].numpy())
+    ref, sensitive = _reference(hf, ids)
+    d = _assert_close(Model(pkg, ctx=128).forward(ids, all_logits=True), ref, sensitive)
     print(f"int4 with importance: prefill of 40 tokens, max |dlogit| {d:.2e}")
 
 

@@ -25,7 +25,7 @@ N_TOKENS = 32
 # Documented in edgesparse.runtime.generate.RunStats (`edgesparse run --stats-json`).
 STATS_KEYS = {"prompt_tokens", "generated_tokens", "prefill_ms", "decode_tokens_per_s", "latency_p50_ms",
               "latency_p90_ms", "peak_rss_mb", "ffn_rows_read_per_token", "ffn_rows_total",
-              "ffn_rows_read_fraction", "threads"}
+              "ffn_rows_read_fraction", "threads", "stop", "thread_choice"}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_cli_run_text_and_stats_json(smollm2_pkg, smollm2_hf, hf_greedy, capsys,
     assert set(stats) == STATS_KEYS
     cfg = Package(smollm2_pkg).config
     assert stats["prompt_tokens"] == len(prompt)
-    assert stats["generated_tokens"] == n
+    assert stats["generated_tokens"] == n and stats["stop"] == "tokens"
     assert stats["ffn_rows_total"] == 3 * cfg.ffn_dim * cfg.n_layers
     assert stats["ffn_rows_read_fraction"] == 1.0 and stats["ffn_rows_read_per_token"] == stats["ffn_rows_total"]
     assert 1 <= stats["threads"] <= (os.cpu_count() or 1)

@@ -76,3 +76,25 @@ def test_columns_round_trip(bits):
 def test_rows_must_be_whole_groups():
     with pytest.raises(ValueError, match="multiple of 32"):
         T.to_tiles(np.zeros((16, 40), np.int32), np.zeros((16, 1), np.float16), 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("N,R", [(16, 3), (37, 3), (20, 2)])
+def test_ffn_blocks_round_trip(bits, N, R):
+    """Neuron blocks hold each neuron's gate/up (fc1) rows in tiles and its down (fc2) column whole."""
+    rng = np.random.default_rng(N + R + bits)
+    D = 64
+    w = rng.standard_normal((N, R, D)).astype(np.float32)
+    stored, scale = quantize_int4(w) if bits == 4 else quantize_int8_groups(w)
+    q = _values(stored, bits)
+    b = T.to_ffn_blocks(q, scale, bits)
+    assert b.shape == T.ffn_shape((N, R, D), bits)
+    q2, d2 = T.from_ffn_blocks(b, N, R, D, bits)
+    assert np.array_equal(q2, q) and np.array_equal(d2, scale)
+    assert np.array_equal(T.dequantize_ffn_blocks(b, N, R, D, bits), dequantize(stored, scale))
+    tiles, cols = T.ffn_views(b, R, D, bits)
+    for n in (0, N - 1):        # neuron n's down column is one contiguous run in its block
+        want = T.to_columns(q[n:n + 1, R - 1], scale[n:n + 1, R - 1], bits)[0]
+        assert np.array_equal(cols[n // 16, n % 16], want)
+    pad = T.dequantize_ffn_blocks(b, T.padded(N), R, D, bits)[N:]
+    assert (pad == 0).all()      # padding neurons have zero weights

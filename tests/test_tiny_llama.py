@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from edgesparse.errors import EdgesparseError
-from edgesparse.format import read_manifest, write_manifest_atomic
+from edgesparse.format import read_manifest
+from edgesparse.format_write import write_manifest_atomic
 from edgesparse.runtime.core.generate import generate
 from edgesparse.runtime.core.model import SMALL_BATCH, Model
 from edgesparse.runtime.core.sampling import Sampler

@@ -18,7 +18,7 @@ def bench(a: argparse.Namespace) -> int:
 
     from edgesparse.runtime.core.package import LOADS, Package
     from edgesparse.runtime.core.threads import check_threads
-    from edgesparse.runtime.measure import against, bench
+    from edgesparse.runtime.measure import against, bench, bench_report
     from edgesparse.runtime.sparsity.levels import settings as level_settings
 
     pkg = Package(a.package)              # fail here, not in a worker
@@ -36,8 +36,10 @@ def bench(a: argparse.Namespace) -> int:
     if any(sparsities) and not pkg.manifest.sparsity.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
     engines = against.parse(a.against)
-    if a.gguf and "llama.cpp" not in engines:
-        raise EdgesparseError("--gguf: only used with --against llama.cpp")
+    llama = [e for e in engines if e in against.LLAMA_CPP]
+    for flag, given in (("--gguf", a.gguf), ("--llama-bench", a.llama_bench)):
+        if given and not llama:
+            raise EdgesparseError(f"{flag}: only used with --against llama.cpp (or llama.cpp-norepack)")
     loads = [x.strip() for x in a.load.split(",") if x.strip()]
     if not loads or any(x not in LOADS for x in loads):
         raise EdgesparseError(f"--load: expected comma-separated {', '.join(LOADS)}; got {a.load!r}")
@@ -65,28 +67,36 @@ def bench(a: argparse.Namespace) -> int:
         return 0
     log = None if a.quiet else (lambda msg: print(msg, file=sys.stderr))
     cache = Path(a.against_cache) if a.against_cache else out.resolve().parent / "edgesparse-against"
-    given = _prepare_engines(engines, pkg, cache, a.gguf, log)
+    given = _prepare_engines(engines, pkg, cache, a.gguf, a.llama_bench, log)
     res = bench.run_bench(a.package, threads, sparsities, a.prompt_tokens, a.gen_tokens, a.rounds, out, settings,
                           progress=not a.quiet, ffns=ffns, against=given, budget_mb=a.ram_budget,
                           project=a.project, loads=tuple(loads))
-    print(bench.report(res))
+    print(bench_report.report(res))
     print(f"wrote {out / 'bench.json'}", file=sys.stderr)
     return 0
 
 
-def _prepare_engines(engines: list[str], pkg, cache: Path, gguf: str | None, log) -> dict[str, dict]:
-    """engine -> what bench hands its worker: the GGUF llama.cpp runs, or, for ort and transformers,
-    the model the workstation side (edgesparse.export.engines) made and its worker command. Every
-    engine's requirements are checked before any (slow) export starts."""
-    from edgesparse.runtime.measure import against
+def _prepare_engines(engines: list[str], pkg, cache: Path, gguf: str | None, llama_bench: str | None,
+                     log) -> dict[str, dict]:
+    """engine -> what bench hands its worker: for llama.cpp, the GGUF and the llama-bench binary; for
+    ort and transformers, the model the workstation side (edgesparse.export.engines) made and its
+    worker command. Every engine's requirements are checked before any (slow) export starts."""
+    from edgesparse.runtime.measure import against, llama_bench as lb, llama_cpp
+    llama = {}
     for e in engines:
         against.check_installed(e)
-        if e == "llama.cpp":
-            against.gguf_for(pkg.manifest, gguf)
+        if e in against.LLAMA_CPP and not llama:
+            exe = llama_cpp.find("llama-bench", llama_bench, "--llama-bench")
+            path = against.gguf_for(pkg.manifest, gguf)
+            llama = {"path": str(path), "llama_bench": str(exe)}
+            # not quiet: a comparison across widths must not pass unnoticed
+            warn = lb.width_warning(str(path), pkg.manifest.tensor(pkg.manifest.layers[0].ffn).dtype)
+            if warn:
+                print(f"bench: {warn}", file=sys.stderr)
     given = {}
     for e in engines:
-        if e == "llama.cpp":
-            given[e] = {"path": str(against.gguf_for(pkg.manifest, gguf))}
+        if e in against.LLAMA_CPP:
+            given[e] = dict(llama)
         else:
             from edgesparse.export import engines as workstation
             given[e] = workstation.prepare(e, pkg, cache, log)
@@ -106,8 +116,12 @@ def add_parsers(sub) -> None:
     b.add_argument("--gen-tokens", type=int, default=128, help="decode steps (per position with --positions)")
     b.add_argument("--rounds", type=int, default=3, help="runs of every configuration; medians are reported")
     b.add_argument("--against", default="", metavar="ENGINES",
-                   help="also run the package's source model with: ort, transformers (need [export]), llama.cpp")
-    b.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
+                   help="also run the package's source model with: ort, transformers (need [export]), llama.cpp "
+                   "(its llama-bench, defaults: repacking on), llama.cpp-norepack (an extra row, --repack 0)")
+    b.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source; "
+                   "pass one of the package's width, e.g. Q4_0 for int4)")
+    b.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench (default: $EDGESPARSE_LLAMA_CPP_BIN/"
+                   "llama-bench, else the build of devices/llama.cpp/build)")
     b.add_argument("--against-cache", metavar="DIR",
                    help="where --against keeps its exports (default: edgesparse-against/ beside -o)")
     b.add_argument("--load", default="mmap", metavar="mmap,ram",

@@ -17,6 +17,7 @@ def run(a: argparse.Namespace) -> int:
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.sampling import Sampler
     from edgesparse.runtime.core.text import StreamDecoder, TextCodec
+    from edgesparse.runtime.core.threads import ThreadTuner
     from edgesparse.runtime.sparsity.levels import configure, prefill_policy
 
     if a.tokens < 1:
@@ -50,7 +51,10 @@ def run(a: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     prefill = a.prefill or prefill_policy(model.pkg.manifest.sparsity)
-    _, stats = generate(model, ids, a.tokens, sampler, on_token, prefill="sparse" if a.ffn == "dense" else prefill)
+    # no --threads: the decode thread count is chosen, and chosen again, from the steps' own times
+    tuner = ThreadTuner(model, model.threads) if a.threads is None else None
+    _, stats = generate(model, ids, a.tokens, sampler, on_token, "sparse" if a.ffn == "dense" else prefill,
+                        tuner)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats.stop == "context":
@@ -87,7 +91,9 @@ def add_parsers(sub) -> None:
                                                            "with this much probability (1 = all)")
     r.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one)")
     r.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    r.add_argument("--threads", type=int, default=None, help="ORT and Numba threads (default: all cores)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="kernel threads (default: chosen while decoding among all cores, half and 1, from the "
+                        "steps' own times, so a board busy with something else is not slowed by waiting threads)")
     r.add_argument("--ctx", type=int, default=None, help="context length to allocate (default 2048)")
     r.add_argument("--stats", action="store_true", help="print timing, RSS, FFN rows read and why generation "
                                                          "stopped (-n, EOS or a full context) to stderr")

@@ -16,7 +16,7 @@ from .args import levels, output_dir, text_command
 def calibrate(a: argparse.Namespace) -> int:
     import time
 
-    from edgesparse.format import write_manifest_atomic
+    from edgesparse.format_write import write_manifest_atomic
     from edgesparse.runtime.sparsity import predictor
     from edgesparse.runtime.sparsity.budget import parse
     from edgesparse.runtime.sparsity.calibrate import calibrate
@@ -150,26 +150,24 @@ def evaluate(a: argparse.Namespace) -> int:
     methods, settings, _ = quality.eval_plan(a, model, targets)
     if any(q > 0 for q in targets) and not sp.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
-    gguf = None
+    tools = None
     if a.against:
-        from edgesparse.runtime.measure import against
+        from edgesparse.runtime.measure import against, llama_cpp
         if a.against != "llama.cpp":
             raise EdgesparseError(f"--against {a.against}: eval compares with llama.cpp only")
-        against.check_installed("llama.cpp")
-        gguf = against.gguf_for(model.pkg.manifest, a.gguf)
+        tools = {t: llama_cpp.find(t) for t in ("llama-perplexity", "llama-tokenize")}
+        tools["gguf"] = against.gguf_for(model.pkg.manifest, a.gguf)
     elif a.gguf:
         raise EdgesparseError("--gguf: only used with --against llama.cpp")
     text, desc = load_text(a.text, "test")
-    windows = token_windows(TextCodec(model.pkg).encode(text, special=False), a.ctx, a.windows, desc)
+    ids = TextCodec(model.pkg).encode(text, special=False)
+    windows = token_windows(ids, a.ctx, a.windows, desc)
     t0 = time.perf_counter()
     res = evaluate(model, windows, methods, targets, progress=not a.quiet)
     res["text"] = desc
     extra = quality.eval_quality(a, model, windows, settings, res)
-    if gguf is not None:
-        from edgesparse.progress import Progress
-        bar = Progress(len(windows), "llama.cpp", not a.quiet)
-        res["against"] = {"engine": "llama.cpp", "gguf": str(gguf), "size_bytes": gguf.stat().st_size,
-                          "perplexity": against.llama_cpp_perplexity(str(gguf), windows, model.threads, bar)}
+    if tools is not None:
+        res["against"] = _against_llama_cpp(model, text, ids, a.ctx, len(windows), tools, a.quiet)
     res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -180,6 +178,39 @@ def evaluate(a: argparse.Namespace) -> int:
     print(f"{desc}: {res['windows']} windows x {a.ctx} tokens, {res['seconds']:.0f} s; wrote {out / 'eval.json'}"
           + (f" and {len(figs)} figures" if figs else " (no figures: pip install matplotlib)"), file=sys.stderr)
     return 0
+
+
+def _against_llama_cpp(model, text: str, ids: list[int], ctx: int, count: int, tools: dict, quiet: bool) -> dict:
+    """llama-perplexity on the text, and the runtime's dense perplexity on exactly the tokens and
+    positions it scores (measure/llama_perplexity.py says which)."""
+    import tempfile
+
+    from edgesparse.progress import Progress
+    from edgesparse.runtime.measure import gguf_info, llama_perplexity as lp
+    from edgesparse.runtime.sparsity.evaluate import dense_perplexity
+
+    gguf = tools["gguf"]
+    theirs = lp.tokenize(tools["llama-tokenize"], gguf, lp.perplexity_text(text))
+    bos = lp.bos_token(tools["llama-tokenize"], gguf)
+    chunks = lp.windows(theirs, bos, ctx, count)
+    first = ctx // 2
+    ours = dense_perplexity(model, chunks, first, Progress(len(chunks), "edgesparse, llama.cpp's windows", not quiet))
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "text.txt"
+        f.write_text(text, encoding="utf-8", newline="")
+        if not quiet:
+            print(f"llama.cpp: llama-perplexity on {len(chunks)} chunks of {ctx} tokens", file=sys.stderr)
+        r = lp.run(tools["llama-perplexity"], gguf, str(f), ctx, len(chunks), model.threads)
+    m = model.pkg.manifest
+    r["command"][r["command"].index("-f") + 1] = "TEXT"          # a temporary file: name what it held
+    return {"engine": "llama.cpp", "gguf": str(gguf), "gguf_type": gguf_info.read(gguf).file_type,
+            "size_bytes": gguf.stat().st_size, "package_dtype": m.tensor(m.layers[0].ffn).dtype,
+            "ctx": ctx, "chunks": len(chunks), "first_scored": first, "predictions": len(chunks) * (ctx - first - 1),
+            "bos": bos, "llama_cpp_tokens": len(theirs),
+            # over the tokens edgesparse's own table scored: did it see llama.cpp's tokens?
+            "tokenizer_first_difference": lp.first_difference(ids[:count * ctx],
+                                                              (theirs[1:] if bos is not None else theirs)[:count * ctx]),
+            "edgesparse_perplexity": ours, **r}
 
 
 def prune(a: argparse.Namespace) -> int:
@@ -269,7 +300,8 @@ def add_parsers(sub) -> None:
                     help="comma-separated criteria of threshold mode: paper, gate, input (default: every calibrated "
                          "one, the package's active one first, then paper, gate, input); 'predict' still works "
                          "but is --ffn predict")
-    ev.add_argument("--against", metavar="llama.cpp", help="also llama.cpp's perplexity on the same windows")
+    ev.add_argument("--against", metavar="llama.cpp", help="also llama.cpp's llama-perplexity, and the dense model "
+                    "on exactly the tokens and positions it scores (second half of each --ctx chunk)")
     ev.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
     ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
     quality.add_eval_options(ev)

@@ -57,7 +57,8 @@ def add_parsers(sub) -> None:
                    help="weight storage (int8: Q8_0-style groups of 32; int4: Q4_0-style groups of 32)")
     e.add_argument("--head-dtype", choices=["float32", "float16", "int8", "int4"],
                    help="storage of the embedding and lm_head (default: --dtype; int8 when --dtype is int4)")
-    e.add_argument("--force", action="store_true", help="replace an existing package")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing package or empty directory (never a directory holding anything else)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.add_argument("--calibrate", metavar="TEXT",
                    help="calibrate thresholds on TEXT after export; int4 also weighs its rounding by TEXT's activations")

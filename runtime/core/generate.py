@@ -32,8 +32,9 @@ class RunStats:
     ffn_rows_read_per_token: float   # gate rows + up rows + down columns, summed over layers
     ffn_rows_total: int              # R * n_neurons * n_layers (R = 3 gated, 2 plain MLP)
     ffn_rows_read_fraction: float
-    threads: int
+    threads: int                     # the count most decode steps ran on
     stop: str                        # why generation stopped: STOPS
+    thread_choice: str               # e.g. "2 (auto: 2 on 90 steps, 1 on 10)", or the fixed count
 
     def to_json(self) -> dict:
         # NaN (no decode step, e.g. -n 1) is not JSON: write null instead.
@@ -44,7 +45,7 @@ class RunStats:
             f"prompt {self.prompt_tokens} tokens, prefill {self.prefill_ms:.1f} ms",
             f"decode {self.generated_tokens} tokens ({STOPS[self.stop]}): {self.decode_tokens_per_s:.2f} tok/s, "
             f"per-token p50 {self.latency_p50_ms:.2f} ms, p90 {self.latency_p90_ms:.2f} ms",
-            f"peak RSS {self.peak_rss_mb:.0f} MB, threads {self.threads}",
+            f"peak RSS {self.peak_rss_mb:.0f} MB, threads {self.thread_choice}",
             f"FFN rows read per token {self.ffn_rows_read_per_token:.0f} of {self.ffn_rows_total} "
             f"({100 * self.ffn_rows_read_fraction:.1f}%)",
         ]
@@ -56,12 +57,14 @@ def peak_rss_mb() -> float:
 
 
 def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler,
-             on_token=None, prefill: str = "sparse") -> tuple[list[int], RunStats]:
+             on_token=None, prefill: str = "sparse", tuner=None) -> tuple[list[int], RunStats]:
     """Prefill the prompt, then decode up to max_new tokens, stopping at EOS or when the context is
     full (RunStats.stop says which).
     on_token(id) is called as each token is chosen, for streaming.
     prefill: 'sparse' runs the prompt in the model's FFN mode, 'dense' runs it dense and only the
-    generated tokens sparse (the prefill policy: sparsity/levels.py says why it is the default)."""
+    generated tokens sparse (the prefill policy: sparsity/levels.py says why it is the default).
+    tuner (threads.ThreadTuner), if given, sees each decode step's time and sets the next step's
+    thread count."""
     if prefill not in ("sparse", "dense"):
         raise EdgesparseError(f"--prefill: expected sparse or dense, got {prefill!r}")
     cfg = model.cfg
@@ -88,6 +91,8 @@ def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler
         t = time.perf_counter()
         logits = model.forward([tok])
         lat.append(time.perf_counter() - t)
+        if tuner is not None:
+            tuner.step(lat[-1])
     lat_ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
     L, N = cfg.n_layers, cfg.ffn_dim
     total = cfg.ffn_rows * N * L
@@ -97,7 +102,9 @@ def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler
         decode_tokens_per_s=(len(lat) / sum(lat)) if lat else float("nan"),
         latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p90_ms=float(np.percentile(lat_ms, 90)),
         peak_rss_mb=peak_rss_mb(), ffn_rows_read_per_token=float(rows), ffn_rows_total=total,
-        ffn_rows_read_fraction=float(rows / total), threads=model.threads, stop=stop)
+        ffn_rows_read_fraction=float(rows / total), stop=stop,
+        threads=int(tuner.summary().split()[0]) if tuner else model.threads,
+        thread_choice=tuner.summary() if tuner else str(model.threads))
     return out, stats
 
 

@@ -32,7 +32,8 @@ from .attention import AttentionStack
 from .package import Package
 from .state import RunState, zeros64
 from .threads import check_threads, limit_blas
-from .weights import LayerWeights, blas_input, kernel_array, scales, widen
+from .blas import blas_input, widen, widen_ffn
+from .weights import LayerWeights, kernel_array, scales, tiled
 
 DEFAULT_CTX = 2048
 FFN_MODES = ("dense", "threshold", "predict")
@@ -92,8 +93,8 @@ class Model:
         self.pos_embed = opt("pos_embed", cfg.learned_positions, (0, cfg.d_model))                 # [P, D] or [0, D]
         proj = cfg.embed_dim != cfg.d_model
         # project_in/out (OPT-350m) are small and only ever used through BLAS: widened once here
-        self.proj_in = widen(opt("embed_proj_in", proj, (0, 0)), scales(self.pkg, "embed_proj_in", 1))  # [D, E]
-        self.proj_out = widen(opt("head_proj_out", proj, (0, 0)), scales(self.pkg, "head_proj_out", 1))  # [E, D]
+        self.proj_in = widen(opt("embed_proj_in", proj, (0, 0)), scales(self.pkg, "embed_proj_in", 1), cfg.d_model)  # [D, E]
+        self.proj_out = widen(opt("head_proj_out", proj, (0, 0)), scales(self.pkg, "head_proj_out", 1), cfg.embed_dim)  # [E, D]
         self.s = RunState(cfg, self.threads, self.max_batch, self._small)
         self.h = zeros64((cfg.n_layers, cfg.ffn_dim))      # last decode step's neuron outputs per layer
         self.logits = zeros64((cfg.vocab_size,))
@@ -124,6 +125,12 @@ class Model:
         self.forward([0, 0])
         self.forward([0])
         self.reset()
+
+    def set_threads(self, threads: int) -> None:
+        """Run the kernels on `threads` of the threads the model was made with (the buffers are per
+        thread chunk and stay as they are: fewer threads take several chunks each)."""
+        self.threads = max(1, min(int(threads), self.s.partial.shape[0]))
+        numba.set_num_threads(self.threads)
 
     def set_thresholds(self, t, method: str | None = None) -> None:
         """Per-layer thresholds [L] (0 = dense) and, optionally, what they apply to
@@ -232,16 +239,14 @@ class Model:
         return x
 
     def _head_one(self, x: np.ndarray) -> None:
-        """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba matvec)."""
-        xf = self._final(x, self.s.xn)       # [1, E]
-        K.matvec(self.head, self.head_scale, np.ascontiguousarray(xf[0]), self.logits, self.threads, self.s.xb)
-        if self.head_bias.size:
-            self.logits += self.head_bias
+        """logits = lm_head(final(x)) (+ b) for one row x [1, D], into self.logits (Numba)."""
+        xf = np.ascontiguousarray(self._final(x, self.s.xn))       # [1, E]
+        self._linear(self.head, self.head_scale, xf, self.head_bias, None, self.logits.reshape(1, -1))
 
     def _head_all(self, x: np.ndarray) -> np.ndarray:
         """Final norm + lm_head for every row of x [S, D] -> logits [S, V]."""
-        xf = blas_input(self._final(x, np.empty_like(x)), self.head_scale)
-        logits = xf @ widen(self.head, self.head_scale).T
+        xf = blas_input(self._final(x, np.empty_like(x)), self.head, self.head_scale)
+        logits = xf @ widen(self.head, self.head_scale, self.cfg.vocab_size).T
         if self.head_bias.size:
             logits += self.head_bias
         return logits
@@ -255,12 +260,13 @@ class Model:
     def _embed(self, tokens: np.ndarray, x: np.ndarray) -> None:
         """x [S, D] = embed[tokens] * scale (@ proj_in) (+ pos_embed[pos .. pos+S-1])."""
         S = tokens.size
-        if self.proj_in.size:
-            xe = self.s.xe[:S]                # [S, E]
-            K.gather_rows(self.embed, self.embed_scale, tokens, np.float32(self.cfg.embed_scale), xe)
-            np.matmul(xe, self.proj_in.T, out=x)
+        xe = self.s.xe[:S] if self.proj_in.size else x           # [S, E]
+        if tiled(self.embed, self.embed_scale):
+            K.gather_tiles(self.embed, tokens, np.float32(self.cfg.embed_scale), xe)
         else:
-            K.gather_rows(self.embed, self.embed_scale, tokens, np.float32(self.cfg.embed_scale), x)
+            K.gather_rows(self.embed, self.embed_scale, tokens, np.float32(self.cfg.embed_scale), xe)
+        if self.proj_in.size:
+            np.matmul(xe, self.proj_in.T, out=x)
         if self.pos_embed.size:
             x += self.pos_embed[self.pos:self.pos + S]
 
@@ -287,12 +293,17 @@ class Model:
 
     def _linear(self, w: np.ndarray, ws: np.ndarray, X: np.ndarray, bias: np.ndarray, base: np.ndarray | None,
                 Y: np.ndarray) -> None:
-        """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd; int8 with row scales ws [O]), X [S, D], Y [S, O]."""
+        """Y = X @ w.T (+ bias) (+ base); w [O, D] (mmap'd; int8 with row scales ws [O]; or tiles
+        [ceil(O/16), D/32, tile]), X [S, D], Y [S, O]."""
         if X.shape[0] <= self._small:
-            K.linear(w, ws, X, bias, self.s.nobase if base is None else base, Y, self.threads, self.s.xb)
+            nobase = self.s.nobase if base is None else base
+            if tiled(w, ws):
+                K.linear_tiles(w, X, bias, nobase, Y, self.threads, self.s.xb, self.s.tile16)
+            else:
+                K.linear(w, ws, X, bias, nobase, Y, self.threads)
             return
-        w = widen(w, ws)     # float16 / int8 storage: widen once for BLAS (long prefill only)
-        np.matmul(blas_input(X, ws), w.T, out=Y)
+        # long prefill: widen once for BLAS, and round the input as the kernels do
+        np.matmul(blas_input(X, w, ws), widen(w, ws, Y.shape[1]).T, out=Y)
         if bias.size:
             Y += bias
         if base is not None:
@@ -366,7 +377,7 @@ class Model:
         lw, S = self.layers[l], h.shape[0]
         if self.s.wp is None:
             self.s.wp = np.empty((self.cfg.ffn_dim, self.cfg.ffn_rows - 1, self.cfg.d_model), np.float32)
-        Nl = lw.ffn.shape[0]
+        Nl = lw.n
         gp, up = K.predicted_gate_up(lw.pred_q, lw.pred_scale, lw.ffn_bias_in, fi, self.s.wp[:Nl])   # [S, N_l]
         K.predict_mask(h, gp, self.s.rows(self.s.ones, S, Nl) if up is None else up, self.t_pred[l], self.act, self.s.cand_s[:S])
         self.s.kept_s[:S] = np.count_nonzero(h, axis=1)
@@ -387,17 +398,21 @@ class Model:
             base = self._ffn_base(l, 1)
             fi, t, mode = self._ffn_input(l, f)
             lw = self.layers[l]
-            N = lw.ffn.shape[0]
+            N = lw.n
             t0 = time.perf_counter() if self.ffn_seconds is not None else 0.0
-            if self.ffn_mode == "predict":
+            if lw.ffn_bits:
+                k = K.ffn_tiles(lw.ffn_tiles, lw.ffn_cols, N, lw.ffn_bias_in, fi, base, t, self.act, x,
+                                self.h[l:l + 1, :N], self.s.partial_s, self.s.kept, mode, self.s.xb, self.s.ffn_sc)
+                # every block's gate and up tiles (padding neurons included), the kept down columns
+                rows += (R - 1) * lw.ffn_tiles.shape[0] * 16 + k
+            elif self.ffn_mode == "predict":
                 k, c = K.ffn_predict(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi[0], base[0], self.t_pred[l],
-                                     t, self.act, x[0], self.h[l, :N], self.s.partial, self.s.kept, self.s.cand, self.s.order,
-                                     self.s.xb)
+                                     t, self.act, x[0], self.h[l, :N], self.s.partial, self.s.kept, self.s.cand, self.s.order)
                 rows += (R - 1) * c + k
                 self.counts[l, 2] += c
             else:
                 k = K.ffn_glu(lw.ffn, lw.ffn_scale, lw.ffn_bias_in, fi[0], base[0], t, self.act, x[0], self.h[l, :N],
-                              self.s.partial, self.s.kept, mode, self.s.xb)
+                              self.s.partial, self.s.kept, mode)
                 # gate mode reads an up row only for neurons past the gate test (here: the kept ones)
                 rows += (N + 2 * k) if (mode == 1 and R == 3) else ((R - 1) * N + k)
             if self.ffn_seconds is not None:
@@ -425,28 +440,31 @@ class Model:
             base = self._ffn_base(l, S)
             lw = self.layers[l]
             w = lw.ffn
-            N = w.shape[0]
+            N = lw.n
             g, u = self.s.rows(self.s.g, S, N), self.s.rows(self.s.u, S, N)   # [S, N_l]
             fi, t, mode = self._ffn_input(l, f)
             predict = self.ffn_mode == "predict"
             if S <= self._small and self.observer is None:
                 # Few tokens: memory-bound like decode; the Numba kernel reads each row once.
-                if predict:
+                if lw.ffn_bits:
+                    k = K.ffn_tiles(lw.ffn_tiles, lw.ffn_cols, N, lw.ffn_bias_in, fi, base, t, self.act, x, g,
+                                    self.s.partial_s, self.s.kept, mode, self.s.xb, self.s.ffn_sc)
+                elif predict:
                     k, c = K.ffn_predict_batch(w, lw.ffn_scale, lw.ffn_bias_in, lw.pred_q, lw.pred_scale, fi, base, self.t_pred[l],
-                                               t, self.act, x, g, self.s.partial_s, self.s.kept, self.s.cand, self.s.order,
-                                               self.s.xb)
+                                               t, self.act, x, g, self.s.partial_s, self.s.kept, self.s.cand, self.s.order)
                     self.counts[l, 2] += c
                 else:
                     k = K.ffn_glu_batch(w, lw.ffn_scale, lw.ffn_bias_in, fi, base, t, self.act, x, g, self.s.partial_s,
-                                        self.s.kept, mode, self.s.xb)
+                                        self.s.kept, mode)
                 self._ffn_done(l, S)
                 self._count(l, k, S)
                 continue
-            w = widen(w, lw.ffn_scale)     # float16 / int8 storage: widen this layer once for BLAS
             # Batched tokens are compute-bound, and the union of active neurons over many tokens
             # is nearly all of them, so prefill runs dense BLAS on strided views of the
-            # neuron-major file (lda = R·D) and applies the same threshold rule as decode.
-            fr = blas_input(fi, lw.ffn_scale)      # as the kernels' gate and up take it
+            # neuron-major rows (lda = R·D), widened once per call, and applies the same threshold
+            # rule as decode.
+            fr = blas_input(fi, w, lw.ffn_scale)      # as the kernels' gate and up take it
+            w = widen_ffn(lw, R, cfg.d_model)
             np.matmul(fr, w[:, 0, :].T, out=g)
             if R == 3:
                 np.matmul(fr, w[:, 1, :].T, out=u)

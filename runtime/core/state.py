@@ -7,16 +7,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def zeros64(shape: tuple) -> np.ndarray:
+def zeros64(shape: tuple, dtype=np.float32) -> np.ndarray:
     """float32 zeros starting on a 64-byte cache line. The kernels' threads write disjoint row
     ranges of these (per-thread partial sums, neuron outputs, logits); NumPy aligns small
     allocations to 16 bytes, so two threads' ranges could share the line at their boundary and
     every write there would bounce it between cores (the int8 FFN of 30 layers, 2 threads:
     5.87 ms with a partial buffer at 16 mod 64, 5.20 ms aligned, before the kernels went blockwise)."""
-    n = int(np.prod(shape))
-    raw = np.zeros(n * 4 + 64, np.uint8)
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(n + 64, np.uint8)
     off = -raw.ctypes.data % 64
-    return raw[off:off + n * 4].view(np.float32).reshape(shape)
+    return raw[off:off + n].view(dtype).reshape(shape)
 
 
 class RunState:
@@ -53,6 +53,12 @@ class RunState:
         W = max(D, cfg.n_heads * cfg.head_dim, E)
         self.xb = (np.zeros((small, W), np.int8), np.zeros((small, W // 4), np.float32),
                    np.zeros((small, W // 4), np.int32))
+        # tiles (kernels/tiles.py, ffn_tiles.py): 16 outputs per thread; the FFN's per thread: gate|up
+        # [32], the kept neurons [small, 16] and their h times scales [small, 16, Gp], Gp = D/32
+        # rounded up to 16 (whole vectors). Rows start on cache lines.
+        Gp = -(-(D // 32) // 16) * 16
+        self.tile16 = zeros64((C, 16))
+        self.ffn_sc = (zeros64((C, 32)), zeros64((C, small, 16), np.int64), zeros64((C, small, 16, Gp)))
 
     @staticmethod
     def rows(buf: np.ndarray, S: int, N: int) -> np.ndarray:

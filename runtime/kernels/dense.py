@@ -7,7 +7,6 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .grouped import _dot_gq, _prepared, _xbuf
 from .ir import _q8
 from .rows import _dot_w
 
@@ -57,66 +56,62 @@ def _rows4_plain(w, X, bias, base, Y, b0, b1):
                     _emit(Y, bias, base, s, j, a)
 
 
-def _rows4(w, ws, X, xp, bias, base, Y, b0, b1):
+def _rows4(w, ws, X, bias, base, Y, b0, b1):
     """Rows 4*b0 .. 4*b1 (clipped to O) of Y = w X (+ bias) (+ base), w [O, ·] of any dtype."""
 
 
-def _row_dot(w, ws, j, X, xp, s):
-    """Row j of a projection w [O, ·] dotted with token s's input X[s] [D] (grouped rows: its int8
-    rounding xp), scaled (ws: [O] per row, [O, G] per group)."""
+def _row_dot(w, ws, j, X, s):
+    """Row j of a projection w [O, ·] dotted with token s's input X[s] [D], scaled (ws: [O] per row
+    for int8 rows)."""
 
 
 @overload(_row_dot)
-def _row_dot_impl(w, ws, j, X, xp, s):
-    if _prepared(xp):           # int4, or int8 in groups of 32, with int8 activations
-        return lambda w, ws, j, X, xp, s: _dot_gq(w[j], ws[j], xp[0], xp[1], xp[2], s)
+def _row_dot_impl(w, ws, j, X, s):
     if _q8(w):
-        return lambda w, ws, j, X, xp, s: _dot_w(w[j], X[s]) * ws[j]
-    return lambda w, ws, j, X, xp, s: _dot_w(w[j], X[s])                # float16 bits
+        return lambda w, ws, j, X, s: _dot_w(w[j], X[s]) * ws[j]
+    return lambda w, ws, j, X, s: _dot_w(w[j], X[s])                # float16 bits
 
 
 @overload(_rows4, inline="always")
-def _rows4_impl(w, ws, X, xp, bias, base, Y, b0, b1):
+def _rows4_impl(w, ws, X, bias, base, Y, b0, b1):
     if isinstance(w.dtype, types.Float):
-        def f32(w, ws, X, xp, bias, base, Y, b0, b1):
+        def f32(w, ws, X, bias, base, Y, b0, b1):
             _rows4_plain(w, X, bias, base, Y, b0, b1)
         return f32
 
-    def f(w, ws, X, xp, bias, base, Y, b0, b1):     # one row at a time: the IR dot shares nothing
+    def f(w, ws, X, bias, base, Y, b0, b1):     # one row at a time: the IR dot shares nothing
         for j in range(4 * b0, min(4 * b1, w.shape[0])):
             for s in range(X.shape[0]):
-                _emit(Y, bias, base, s, j, _row_dot(w, ws, j, X, xp, s))
+                _emit(Y, bias, base, s, j, _row_dot(w, ws, j, X, s))
     return f
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def linear(w, ws, X, bias, base, Y, chunks, xb=None):
+def linear(w, ws, X, bias, base, Y, chunks):
     """Y[s] = w @ X[s] (+ bias) (+ base[s]) for a few tokens: the attention projections and the
-    lm_head, memory bound, so every weight row is read once and applied to all S tokens.
+    lm_head of float16 / float32 packages (and int8 rows that are not whole groups; int4 / int8
+    weights in groups are tiled: tiles.py), memory bound, so every weight row is read once and
+    applied to all S tokens.
 
-    w:     [O, D] float32 (or uint16 float16 bits, or int8, or uint8 packed int4 [O, D/2]),
-           nn.Linear's [out, in] layout (mmap'd)
-    ws:    [O] float32 row scales of int8 weights, [O, D/32] float16 bits of int4 ones, or shape [0]
+    w:     [O, D] float32 (or uint16 float16 bits, or int8), nn.Linear's [out, in] layout (mmap'd)
+    ws:    [O] float32 row scales of int8 weights, or shape [0]
     X:     [S, D] float32
     bias:  [O] float32, or shape [0] for none
     base:  [S, O] float32 added to the result (the residual stream), or shape [0, O] for none;
            may be the same array as Y
     Y:     [S, O] float32
     chunks: contiguous row ranges, one per thread
-    xb:    as in ffn_glu (int8 activations for grouped weights), >= S rows, or None
     """
     nb = (w.shape[0] + 3) // 4
-    xp = _xbuf(ws, X, xb)
     for c in prange(chunks):
-        _rows4(w, ws, X, xp, bias, base, Y, c * nb // chunks, (c + 1) * nb // chunks)
+        _rows4(w, ws, X, bias, base, Y, c * nb // chunks, (c + 1) * nb // chunks)
 
 
 @njit(fastmath=True, cache=True)
-def matvec(w, ws, x, y, chunks, xb=None):
-    """y = w @ x for w [V, D] float32 (or uint16 float16 bits, int8 with row scales ws [V], int4
-    with group scales ws [V, D/32]); y [V]. The lm_head."""
+def matvec(w, ws, x, y, chunks):
+    """y = w @ x for w [V, D] float32 (or uint16 float16 bits, int8 with row scales ws [V]); y [V]."""
     D = x.shape[0]
     V = y.shape[0]
     linear(w, ws, x.reshape((1, D)), np.empty(0, np.float32), np.empty((0, V), np.float32),
-           y.reshape((1, V)), chunks, xb)
+           y.reshape((1, V)), chunks)
 

@@ -9,9 +9,8 @@ from numba import njit, prange
 from numba.extending import overload
 
 from .activations import _act
-from .grouped import _dot_gq, _prepared, _xbuf
-from .ir import _f16, _grouped, _q8
-from .rows import _axpy_g, _axpy_w, _dot_w
+from .ir import _f16, _q8
+from .rows import _axpy_w, _dot_w
 
 # What the threshold applies to. paper (arXiv 2412.12178): the neuron output |h|, h = act(gate.x)*(up.x);
 # gate (CATS): |act(gate.x)|, so a zeroed neuron's up row is not read either; input (TEAL): the
@@ -21,32 +20,30 @@ MODE_CODES = {"paper": 0, "gate": 1, "input": 2}
 
 @njit(inline="always", fastmath=True)
 def _dot_rows(wi, r, x):
-    """sum_k wi[r, k] x_k for float32 rows (int8, float16 and int4 rows take the vector IR)."""
+    """sum_k wi[r, k] x_k for float32 rows (int8 and float16 rows take the vector IR)."""
     a = np.float32(0.0)
     for k in range(x.shape[0]):
         a += wi[r, k] * x[k]
     return a
 
 
-def _dot(wi, ws, i, r, X, xp, s):
-    """Row r of neuron i's block wi [R, ·] dotted with token s's input X[s] [D] (grouped rows: its
-    int8 rounding xp), scaled: the float32 value of gate.x (r = 0) or up.x (r = 1). ws: the FFN's
+def _dot(wi, ws, i, r, X, s):
+    """Row r of neuron i's block wi [R, ·] dotted with token s's input X[s] [D], scaled: the float32
+    value of gate.x (r = 0) or up.x (r = 1). ws: the FFN's
     scales ([N, R] int8 rows, [N, R, G] groups, [0, R] float)."""
 
 
 @overload(_dot)
-def _dot_impl(wi, ws, i, r, X, xp, s):
-    if _prepared(xp):           # int4, or int8 in groups of 32, with int8 activations
-        return lambda wi, ws, i, r, X, xp, s: _dot_gq(wi[r], ws[i, r], xp[0], xp[1], xp[2], s)
+def _dot_impl(wi, ws, i, r, X, s):
     if _q8(wi):
-        return lambda wi, ws, i, r, X, xp, s: _dot_w(wi[r], X[s]) * ws[i, r]
+        return lambda wi, ws, i, r, X, s: _dot_w(wi[r], X[s]) * ws[i, r]
     if _f16(wi):
-        return lambda wi, ws, i, r, X, xp, s: _dot_w(wi[r], X[s])
+        return lambda wi, ws, i, r, X, s: _dot_w(wi[r], X[s])
 
-    return lambda wi, ws, i, r, X, xp, s: _dot_rows(wi, r, X[s])      # float32: no scales
+    return lambda wi, ws, i, r, X, s: _dot_rows(wi, r, X[s])      # float32: no scales
 
 
-def _dot2(wi, ws, i, X, xp, s):
+def _dot2(wi, ws, i, X, s):
     """(gate.x, up.x) of neuron i for token s, scaled (arguments as _dot)."""
 
 
@@ -62,31 +59,27 @@ def _dot2_rows(wi, x):
 
 
 @overload(_dot2)
-def _dot2_impl(wi, ws, i, X, xp, s):
+def _dot2_impl(wi, ws, i, X, s):
     # the intrinsics called directly, not through _dot: an overload call per row costs 4-10 % of a
     # dense int4 / int8 FFN layer (same-run A/B)
-    if _prepared(xp):           # int4, or int8 in groups of 32, with int8 activations
-        return lambda wi, ws, i, X, xp, s: (_dot_gq(wi[0], ws[i, 0], xp[0], xp[1], xp[2], s),
-                                            _dot_gq(wi[1], ws[i, 1], xp[0], xp[1], xp[2], s))
     if _q8(wi):
-        return lambda wi, ws, i, X, xp, s: (_dot_w(wi[0], X[s]) * ws[i, 0], _dot_w(wi[1], X[s]) * ws[i, 1])
+        return lambda wi, ws, i, X, s: (_dot_w(wi[0], X[s]) * ws[i, 0], _dot_w(wi[1], X[s]) * ws[i, 1])
     if _f16(wi):
-        return lambda wi, ws, i, X, xp, s: (_dot_w(wi[0], X[s]), _dot_w(wi[1], X[s]))
-    return lambda wi, ws, i, X, xp, s: _dot2_rows(wi, X[s])        # float32: one fused pass, no scales
+        return lambda wi, ws, i, X, s: (_dot_w(wi[0], X[s]), _dot_w(wi[1], X[s]))
+    return lambda wi, ws, i, X, s: _dot2_rows(wi, X[s])        # float32: one fused pass, no scales
 
 
 @njit(inline="always", fastmath=True)
-def _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode):
+def _neuron_h(wi, ws, b, i, X, s, act, thr, mode):
     """(h, keep) for neuron i with rows wi [R, D], scales ws ([N, R] int8 rows, [N, R, G] groups,
-    [0, R] float), input biases b [N, R-1] (or [0, ·]) and token s's input x = X[s] (xp: its int8
-    rounding for grouped rows, see _xbuf):
+    [0, R] float), input biases b [N, R-1] (or [0, ·]) and token s's input x = X[s]:
     h = act(gate.x) * (up.x) (R = 3) or act(fc1.x) (R = 2), and whether it survives the
     threshold. Decode and small-batch prefill both call this, so for the same input they compute
     the same h and zero the same neurons. In gate mode a neuron whose |act(gate.x)| is below t
     never reads its up row (h is reported as 0)."""
     gated = wi.shape[0] == 3
     if mode == 1 or not gated:
-        g = _dot(wi, ws, i, 0, X, xp, s)
+        g = _dot(wi, ws, i, 0, X, s)
         if b.shape[0] > 0:
             g += b[i, 0]
         a = _act(act, g)
@@ -94,12 +87,12 @@ def _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode):
             return a, a != 0.0 and abs(a) >= thr
         if not abs(a) >= thr:
             return np.float32(0.0), False
-        u = _dot(wi, ws, i, 1, X, xp, s)
+        u = _dot(wi, ws, i, 1, X, s)
         if b.shape[0] > 0:
             u += b[i, 1]
         h = a * u
         return h, h != 0.0
-    g, u = _dot2(wi, ws, i, X, xp, s)
+    g, u = _dot2(wi, ws, i, X, s)
     if b.shape[0] > 0:
         g += b[i, 0]
         u += b[i, 1]
@@ -109,7 +102,7 @@ def _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode):
 
 def _add_down(acc, s, wi, ws, i, h):
     """acc[s] += h * neuron i's down column wi[R-1] [D]; an int8 column's scale is folded into h,
-    an int4 column's group scales into h group by group."""
+    float16 and float32 columns take h as is."""
 
 
 @njit(inline="always", fastmath=True)
@@ -122,8 +115,6 @@ def _add_down_rows(acc, s, wi, h):
 
 @overload(_add_down)
 def _add_down_impl(acc, s, wi, ws, i, h):
-    if _grouped(ws):            # int4, or int8 in groups of 32
-        return lambda acc, s, wi, ws, i, h: _axpy_g(acc[s], h, wi[wi.shape[0] - 1], ws[i, wi.shape[0] - 1])
     if _q8(wi):
         return lambda acc, s, wi, ws, i, h: _axpy_w(acc[s], h * ws[i, wi.shape[0] - 1], wi[wi.shape[0] - 1])
     if _f16(wi):
@@ -156,12 +147,12 @@ def _sum_partials(partial, base, out, s):
 
 
 @njit(fastmath=True, cache=True)
-def ffn_glu(w, ws, b, x, base, thr, act, out, h_out, partial, kept, mode=0, xb=None):
+def ffn_glu(w, ws, b, x, base, thr, act, out, h_out, partial, kept, mode=0):
     """Thresholded FFN for one token: out = base + FFN_t(x).
 
-    w:       [N, R, D] float32 (or uint16 float16 bits, or int8; int4: [N, R, D/2] uint8)
+    w:       [N, R, D] float32 (or uint16 float16 bits, or int8 rows)
              neuron-major weights (mmap'd)
-    ws:      [N, R] float32 row scales of int8 weights, [N, R, D/32] float16 bits of int4 ones,
+    ws:      [N, R] float32 row scales of int8 weights,
              or shape [0, R]
     b:       [N, R-1] float32 input biases, or shape [0, R-1]
     x:       [D] float32 FFN input (post-attention norm)
@@ -172,29 +163,26 @@ def ffn_glu(w, ws, b, x, base, thr, act, out, h_out, partial, kept, mode=0, xb=N
     h_out:   [N] float32, every neuron's h = act(gate.x) * (up.x) before thresholding
     partial: [C, D] float32 per-chunk accumulators (C = thread chunks), scratch
     kept:    [C] int64 scratch; returns the number of neurons kept
-    xb:      (xq [>=1, D] int8, xd8 [>=1, D/4] float32, xs8 [>=1, D/4] int32): where x is rounded
-             to int8 for grouped weights (see "grouped rows meet int8 activations"); None: allocated
     """
     # One token is the S = 1 case of ffn_glu_batch: one code path for decode and short prefill.
     D = x.shape[0]
     return ffn_glu_batch(w, ws, b, x.reshape((1, D)), base.reshape((1, D)), thr, act, out.reshape((1, D)),
-                         h_out.reshape((1, h_out.shape[0])), partial.reshape((partial.shape[0], 1, D)), kept, mode, xb)
+                         h_out.reshape((1, h_out.shape[0])), partial.reshape((partial.shape[0], 1, D)), kept, mode)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0, xb=None):
+def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0):
     """ffn_glu for S tokens at once (prompt prefill): each neuron's rows are read once and
     applied to every token, so a short prompt costs about one token's weight traffic.
 
-    w [N, R, D] (int4 [N, R, D/2]), ws [N, R], [N, R, D/32] or [0, R], b [N, R-1] or [0, R-1];
+    w [N, R, D], ws [N, R] or [0, R], b [N, R-1] or [0, R-1];
     X, base, out [S, D] (out may alias base); h_out [S, N];
-    partial [C, >=S, D], kept [C] scratch; xb as in ffn_glu, >= S rows. Returns neurons kept,
+    partial [C, >=S, D], kept [C] scratch. Returns neurons kept,
     summed over tokens.
     """
     N = w.shape[0]
     S = X.shape[0]
     C = partial.shape[0]
-    xp = _xbuf(ws, X, xb)
     for c in prange(C):
         lo = c * N // C
         hi = (c + 1) * N // C
@@ -210,7 +198,7 @@ def ffn_glu_batch(w, ws, b, X, base, thr, act, out, h_out, partial, kept, mode=0
             for i in range(i0, i1):
                 wi = w[i]  # [R, D]
                 for s in range(S):
-                    h_out[s, i] = _neuron_h(wi, ws, b, i, X, xp, s, act, thr, mode)[0]
+                    h_out[s, i] = _neuron_h(wi, ws, b, i, X, s, act, thr, mode)[0]
             for i in range(i0, i1):
                 wi = w[i]
                 for s in range(S):

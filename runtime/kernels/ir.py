@@ -41,11 +41,6 @@ def _ld1_impl(a, k):
     return lambda a, k: a[k]
 
 
-def _q4(a) -> bool:
-    """True for int4 weights: packed nibbles arrive as uint8 (int8 is signed, float16 is uint16)."""
-    return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 8 and not a.dtype.signed
-
-
 def _q8(a) -> bool:
     """True for int8 weights."""
     return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 8 and a.dtype.signed
@@ -56,20 +51,12 @@ def _f16(a) -> bool:
     return isinstance(a.dtype, types.Integer) and a.dtype.bitwidth == 16
 
 
-def _grouped(ws) -> bool:
-    """Scales in groups of 32 (float16 bits) rather than one float32 per row."""
-    return isinstance(ws, types.Array) and ws.dtype == types.uint16
 
-
-
-# -- quantized and float16 rows: hand-built LLVM vector IR ---------------------------------------
-# Written in Numba, the per-group loop is either unrolled by LLVM and vectorized across groups with
-# gathers (constant 16), or vectorized with a 64-wide main loop that a 16-byte group never enters
-# (runtime 16): 9.5 and 5.4 ms for SmolLM2's 30 layers of int4 gate and up rows on 2 threads. The
-# IR below says what is meant: one <16 x i8> load per group, nibbles widened in one vector each, a
-# <16 x float> accumulator across groups, one horizontal sum per row: 1.9 ms (13.7 GB/s of packed
-# rows). Generic LLVM vectors: AVX-512 takes <16 x float> whole; AArch64 splits it into four NEON
-# registers (devices/qemu-arm64/check runs these kernels' tests under qemu).
+# -- narrow rows and tiles: hand-built LLVM vector IR --------------------------------------------
+# The IR says what is meant (one vector load per chunk, widened in one instruction, a <16 x float>
+# accumulator) where Numba's loops vectorize badly for short rows. Generic LLVM vectors: AVX-512
+# takes <16 x float> whole; AArch64 splits it into four NEON registers (devices/qemu-arm64/check
+# runs these kernels' tests under qemu).
 _V = 16
 _f32, _i32, _i8, _i16 = ir.FloatType(), ir.IntType(32), ir.IntType(8), ir.IntType(16)
 _vf, _vi, _vb = ir.VectorType(_f32, _V), ir.VectorType(_i32, _V), ir.VectorType(_i8, _V)
@@ -82,20 +69,6 @@ def _splat(builder, val):
     return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_i32, _V), [0] * _V))
 
 
-def _nibbles(builder, p8):
-    """The 16 bytes at p8 -> (low nibbles - 8, high nibbles - 8) as two <16 x float>."""
-    w = builder.zext(builder.load(builder.bitcast(p8, _vb.as_pointer()), align=1), _vi)
-    eight = ir.Constant(_vi, [8] * _V)
-    lo = builder.sub(builder.and_(w, ir.Constant(_vi, [15] * _V)), eight)
-    hi = builder.sub(builder.lshr(w, ir.Constant(_vi, [4] * _V)), eight)
-    return builder.sitofp(lo, _vf), builder.sitofp(hi, _vf)
-
-
-def _group_scale(builder, psc, g):
-    """float16 scale g (its bits at psc[g]) as float."""
-    return builder.fpext(builder.bitcast(builder.load(builder.gep(psc, [g])), ir.HalfType()), _f32)
-
-
 def _vec_at(builder, p, i):
     return builder.bitcast(builder.gep(p, [i]), _vf.as_pointer())
 
@@ -105,7 +78,7 @@ def _vec_at(builder, p, i):
 # streams ~11 GB/s on one core here, with or without it); float16, int8 and int4 rows carry 2-8x
 # more work per cache line, the core falls behind the stream, and the lines arrive late. Measured on
 # SmolLM2's 30 FFN layers, same process alternating, 1 / 2 threads: float16 20.1 -> 14.0 / 8.5 ->
-# 6.0 ms, int8 in groups 7.0 -> 4.7 / 3.5 -> 2.8 ms, int4 4.5 -> 4.2 / 3.1 -> 3.0 ms; float32
+# 6.0 ms, int8 rows 7.0 -> 4.7 / 3.5 -> 2.8 ms; float32
 # unchanged or worse (it also pulls in the down columns a threshold skips). Neuron-major blocks are
 # 0.9-3.5 KB, so 4 KB ahead is the next neuron or two; a prefetch never faults, even past the end.
 _PREFETCH = 4096
@@ -144,27 +117,6 @@ def _hsum(builder, v):
 def _c_array(a, dtypes, ndim: int = 1) -> bool:
     """A C-contiguous Numba array type of one of dtypes: the IR intrinsics index raw data pointers."""
     return isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype in dtypes
-
-
-def _grouped_packing(row, sc, *floats):
-    """For rows in groups of 32 with float16 scales: True for int4 (packed uint8), False for int8,
-    None when the types do not fit. C-contiguous only: the IR indexes raw data pointers (every
-    caller passes rows of C arrays)."""
-    if not (_c_array(row, (types.uint8, types.int8)) and _c_array(sc, (types.uint16,))
-            and all(_c_array(f, (types.float32,)) for f in floats)):
-        return None
-    return row.dtype == types.uint8
-
-
-def _group_values(builder, data, g, packed: bool):
-    """Group g's 32 values, unscaled, as two <16 x float> (values 32g .. 32g+15 and 32g+16 ..
-    32g+31): int4, the 16 bytes at data + 16g (low nibbles, then high); int8, the 32 at data + 32g."""
-    p8 = builder.bitcast(data, _i8.as_pointer())
-    if packed:
-        return _nibbles(builder, builder.gep(p8, [builder.mul(g, ir.Constant(g.type, 16))]))
-    o = builder.mul(g, ir.Constant(g.type, 32))
-    return tuple(builder.sitofp(builder.load(builder.bitcast(builder.gep(p8, [builder.add(o, ir.Constant(g.type, h))]),
-                                                             _vb.as_pointer()), align=1), _vf) for h in (0, 16))
 
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from .ir import _grouped, _h2f, _ld1, _q4, _q8
+from .ir import _ld1
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")   # NaN weights give NaN, not ZeroDivisionError
@@ -72,24 +72,6 @@ def _gather_row(table, ts, t, scale, out):
 
 @overload(_gather_row, inline="always")
 def _gather_row_impl(table, ts, t, scale, out):
-    if _q4(table):
-        def f(table, ts, t, scale, out):
-            row, sc = table[t], ts[t]
-            for g in range(sc.shape[0]):
-                d = scale * _h2f(sc[g])
-                for j in range(16):
-                    b = np.int32(row[16 * g + j])
-                    out[32 * g + j] = np.float32((b & 15) - 8) * d
-                    out[32 * g + 16 + j] = np.float32((b >> 4) - 8) * d
-        return f
-
-    if _q8(table) and _grouped(ts):
-        def f8(table, ts, t, scale, out):
-            row, sc = table[t], ts[t]
-            for k in range(out.shape[0]):
-                out[k] = np.float32(row[k]) * (scale * _h2f(sc[k // 32]))
-        return f8
-
     def f(table, ts, t, scale, out):
         row = table[t]  # [D]
         sc = scale * ts[t] if ts.shape[0] > 0 else scale
@@ -101,7 +83,7 @@ def _gather_row_impl(table, ts, t, scale, out):
 @njit(cache=True)
 def gather_rows(table, ts, ids, scale, out):
     """out[s] = table[ids[s]] * scale; table [V, D] float32, uint16 float16 bits or int8 with row
-    scales ts [V] (shape [0] otherwise), or int4 [V, D/2] uint8 with group scales ts [V, D/32];
+    scales ts [V] (shape [0] otherwise; tiled tables: tiles.gather_tiles);
     out [S, D]."""
     for s in range(ids.shape[0]):
         _gather_row(table, ts, ids[s], scale, out[s])

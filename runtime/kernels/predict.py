@@ -9,7 +9,6 @@ from numba import njit, prange
 
 from .activations import _act
 from .ffn import _BLOCK, _add_down, _kept, _neuron_h, _sum_partials
-from .grouped import _xbuf
 from .ir import _prefetch_line
 from .rows import _dot_w
 
@@ -36,12 +35,12 @@ _KICK, _KICK_AHEAD = 512, 4      # see ffn_predict_batch
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, partial, kept, cand, order, xb=None):
+def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
     """Predicted sparse FFN for S tokens: out = base + sum over neurons i that are candidates
     (|h^_i| >= t_pred) and survive the threshold (|h_i| >= thr) of h_i * w[i, R-1].
 
-    w [N, R, D] neuron-major float32 (or uint16 float16 bits, or int8 with row scales ws [N, R],
-    or int4 [N, R, D/2] with group scales ws [N, R, D/32]; ws is [0, R] otherwise), b [N, R-1] or [0, R-1] input
+    w [N, R, D] neuron-major float32 (or uint16 float16 bits, or int8 with row scales ws [N, R];
+    ws is [0, R] otherwise), b [N, R-1] or [0, R-1] input
     biases; pq [N, R-1, D] int8, ps [N, R-1] float32 (the int8 predictor); X, base, out [S, D] (out may alias base); h_out [S, N]: exact h
     of candidates, 0 for the rest; partial [C, >=S, D], kept [C], cand [C], order [C, >=N] int32
     scratch. Returns (neuron-token pairs kept, candidate pairs). A non-candidate's three rows are
@@ -63,7 +62,6 @@ def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, p
     N = w.shape[0]
     S = X.shape[0]
     C = partial.shape[0]
-    xp = _xbuf(ws, X, xb)
     for c in prange(C):
         lo = c * N // C
         hi = (c + 1) * N // C
@@ -98,7 +96,7 @@ def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, p
                     if h_out[s, i] == 0.0:
                         continue
                     nc += 1
-                    h_out[s, i] = _neuron_h(wi, ws, b, i, X, xp, s, act, thr, 0)[0]
+                    h_out[s, i] = _neuron_h(wi, ws, b, i, X, s, act, thr, 0)[0]
             for j in range(j0, j1):
                 i = lst[j]
                 wi = w[i]
@@ -120,12 +118,12 @@ def ffn_predict_batch(w, ws, b, pq, ps, X, base, t_pred, thr, act, out, h_out, p
 
 
 @njit(fastmath=True, cache=True)
-def ffn_predict(w, ws, b, pq, ps, x, base, t_pred, thr, act, out, h_out, partial, kept, cand, order, xb=None):
+def ffn_predict(w, ws, b, pq, ps, x, base, t_pred, thr, act, out, h_out, partial, kept, cand, order):
     """ffn_predict_batch for one token (decode): x, base, out [D]; h_out [N]; partial [C, D]."""
     D = x.shape[0]
     return ffn_predict_batch(w, ws, b, pq, ps, x.reshape((1, D)), base.reshape((1, D)), t_pred, thr, act,
                              out.reshape((1, D)), h_out.reshape((1, h_out.shape[0])),
-                             partial.reshape((partial.shape[0], 1, D)), kept, cand, order, xb)
+                             partial.reshape((partial.shape[0], 1, D)), kept, cand, order)
 
 
 @njit(parallel=True, cache=True)

@@ -1,7 +1,6 @@
 """One weight row of a narrow dtype against a float32 vector, in hand-built LLVM vector IR: the
-dot product and the axpy of int8 and float16 rows (_dot_w, _axpy_w), and the axpy of a row in
-groups of 32 (int4, or int8 as Q8_0) that adds a down column scaled by h (_axpy_g). Grouped rows'
-dot products take int8 activations instead (grouped.py).
+dot product and the axpy of int8 and float16 rows (_dot_w, _axpy_w). Weights in groups of 32 (int4,
+Q8_0-style int8) are tiled instead (tiles.py).
 """
 
 from __future__ import annotations
@@ -11,35 +10,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .ir import (_ELEM, _FAST, _PREFETCH, _V, _f32, _group_scale, _group_values, _grouped_packing, _hsum, _i16,
-                 _len_split, _prefetch, _splat, _vec_at, _vf, _w_typed, _widen_ir)
-
-
-@intrinsic
-def _axpy_g(typingctx, acc, h, row, sc):
-    """acc [D] += h * one row in groups of 32 (int4 packed [D/2] uint8, Q4_0, or int8 [D], Q8_0;
-    float16 scales sc [D/32]); h float32."""
-    packed = _grouped_packing(row, sc, acc)
-    if packed is None or h != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        aa, ra, sa = (context.make_array(t)(context, builder, a) for t, a in
-                      zip((sig.args[0], sig.args[2], sig.args[3]), (args[0], args[2], args[3])))
-        G = builder.extract_value(sa.shape, 0)
-        psc = builder.bitcast(sa.data, _i16.as_pointer())
-        with cgutils.for_range(builder, G) as loop:
-            g = loop.index
-            lo, hi = _group_values(builder, ra.data, g, packed)
-            hs = _splat(builder, builder.fmul(args[1], _group_scale(builder, psc, g), flags=_FAST))
-            xo = builder.mul(g, ir.Constant(g.type, 32))
-            for half, q in ((0, lo), (16, hi)):
-                p = _vec_at(builder, aa.data, builder.add(xo, ir.Constant(g.type, half)))
-                builder.store(builder.fadd(builder.load(p, align=4), builder.fmul(hs, q, flags=_FAST), flags=_FAST),
-                              p, align=4)
-        return context.get_dummy_value()
-    return types.void(acc, h, row, sc), codegen
-
+from .ir import (_ELEM, _FAST, _PREFETCH, _V, _f32, _hsum, _len_split, _prefetch, _splat, _vec_at, _vf,
+                 _w_typed, _widen_ir)
 
 
 @intrinsic

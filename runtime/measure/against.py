@@ -1,16 +1,21 @@
-"""`bench --against`: the package's source model run by other engines, measured the same way
-(fixed pseudo-random prompt, greedy, EOS ignored, per-token latencies, RSS).
+"""`bench --against`: the package's source model run by other engines beside edgesparse's
+configurations. ort and transformers are measured as bench measures edgesparse (fixed pseudo-random
+prompt, greedy, EOS ignored, per-token latencies, RSS); llama.cpp by its own llama-bench, which
+times the same decode steps but reports only their mean (llama_bench.py).
 
     ort           optimum's ONNX export (ORTModelForCausalLM with KV cache) on ONNX Runtime's CPU
                   provider
     transformers  the float32 PyTorch model
-    llama.cpp     llama-cpp-python on a GGUF: the package's source GGUF, or --gguf FILE
+    llama.cpp     llama.cpp's own llama-bench on a GGUF (the package's source GGUF, or --gguf FILE),
+                  with its defaults: weight repacking on
+    llama.cpp-norepack   the same with repacking off (`--repack 0`): an extra row, labelled
 
 ort and transformers need the [export] extra (torch, transformers, optimum-onnx), so they run on
 the workstation: export/engines.py makes their models once from the package's source model (the
-manifest's `source`), caches them, and measures them in its own worker process. This module names
-the engines, says what each needs, and runs llama.cpp, which needs only llama-cpp-python and a
-GGUF, so it also runs on a board.
+manifest's `source`), caches them, and measures them in its own worker process. The llama.cpp
+engines need only the llama-bench binary (llama_cpp.py finds it) and a GGUF, so they also run on a
+board; llama_bench.py runs them. This module names the engines, says what the Hugging Face ones
+need, and finds the GGUF.
 
 Everything heavy is imported inside functions: the device side imports this module without them.
 """
@@ -18,18 +23,18 @@ Everything heavy is imported inside functions: the device side imports this modu
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import time
 from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-ENGINES = ("ort", "transformers", "llama.cpp")
-# modules each engine imports, and how to get them
+from .llama_bench import ENGINES as _LLAMA_BENCH
+
+LLAMA_CPP = tuple(_LLAMA_BENCH)          # the engines that run a GGUF with llama-bench
+ENGINES = ("ort", "transformers") + LLAMA_CPP
+# modules the Hugging Face engines import, and how to get them (llama.cpp's tools: llama_cpp.find)
 _NEEDS = {"ort": (("torch", "transformers", "optimum.onnxruntime"), "pip install 'edgesparse[export]'"),
-          "transformers": (("torch", "transformers"), "pip install 'edgesparse[export]'"),
-          "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python (a source build, ~20 minutes)")}
+          "transformers": (("torch", "transformers"), "pip install 'edgesparse[export]'")}
 # The embedded default's manifest source: "<python package>:<file>.gguf" (see export/source.py).
 EMBEDDED = re.compile(r"(?P<package>[A-Za-z_]\w*):(?P<file>[^/\\]+\.gguf)")
 
@@ -52,6 +57,9 @@ def _found(module: str) -> bool:
 
 
 def check_installed(engine: str) -> None:
+    """The Python modules a Hugging Face engine needs (the llama.cpp engines need none)."""
+    if engine not in _NEEDS:
+        return
     mods, how = _NEEDS[engine]
     missing = [m for m in mods if not _found(m)]
     if missing:
@@ -85,132 +93,3 @@ def gguf_for(manifest, gguf: str | None) -> Path:
                               "pass --gguf FILE")
     raise EdgesparseError(f"--against llama.cpp: the package came from {ref or '?'} ({src.get('kind', '?')}), "
                           "not a GGUF; pass --gguf FILE with the same model")
-
-
-# -- workers (run in a fresh process each; see bench.py) -----------------------------------------------
-def measure(engine: str, path: str, threads: int, n_prompt: int, n_gen: int, load: str = "mmap") -> dict:
-    """The worker of a device-side engine: llama.cpp (load: its mmap or --no-mmap, bench --load).
-    The Hugging Face engines' worker is on the workstation side (export/engines.py)."""
-    check_installed(engine)
-    if engine != "llama.cpp":
-        raise EdgesparseError(f"--against {engine}: measured by the workstation's worker, edgesparse.export.engines")
-    return _llama_cpp(path, threads, n_prompt, n_gen, load)
-
-
-_llama_quiet = None
-
-
-def _llama_open(path: str, threads: int, n_ctx: int, n_batch: int, use_mmap: bool = True):
-    """(llama_cpp module, model, context, vocabulary size) for a GGUF, through llama-cpp-python's C
-    API (not its Llama class): the model parameters are ours to set, and use_extra_bufts = False
-    turns llama.cpp's CPU weight repacking off (`--no-repack`), without which quantized GGUFs crash
-    on this workstation's CPU. The caller frees the context and the model."""
-    import ctypes
-
-    import llama_cpp as L
-
-    global _llama_quiet
-    if _llama_quiet is None:      # llama.cpp logs every tensor to stderr; the callback must outlive the calls
-        _llama_quiet = L.llama_log_callback(lambda level, text, user_data: None)
-        L.llama_log_set(_llama_quiet, ctypes.c_void_p(0))
-    L.llama_backend_init()
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    if "use_extra_bufts" not in {f[0] for f in type(mp)._fields_}:
-        raise EdgesparseError("--against llama.cpp: this llama-cpp-python cannot turn weight repacking off "
-                              "(no use_extra_bufts; llama.cpp before mid-2025): upgrade llama-cpp-python")
-    mp.use_extra_bufts = False
-    mp.use_mmap = use_mmap          # False: llama.cpp's --no-mmap, the weights read into its own buffers
-    model = L.llama_model_load_from_file(str(path).encode(), mp)
-    if not model:
-        raise EdgesparseError(f"{path}: llama.cpp cannot load this GGUF")
-    cp = L.llama_context_default_params()
-    cp.n_ctx = n_ctx
-    cp.n_batch = cp.n_ubatch = n_batch
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = L.llama_init_from_model(model, cp)
-    if not ctx:
-        L.llama_model_free(model)
-        raise EdgesparseError(f"{path}: llama.cpp cannot create a context of {n_ctx} tokens")
-    return L, model, ctx, L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-
-
-def llama_cpp_perplexity(path: str, windows, threads: int, bar=None) -> float:
-    """exp(mean NLL) of llama.cpp on the same token windows [n, ctx] the runtime evaluates (our
-    tokenizer's ids fed as they are: a GGUF converted from the same model has the same vocabulary),
-    ctx-1 predictions per window, every window from an empty cache."""
-    import ctypes
-
-    import numpy as np
-
-    from ..kernels import nll_rows
-
-    n, T = windows.shape
-    L, model, ctx, V = _llama_open(path, threads, T, T)
-    batch = L.llama_batch_init(T, 0, 1)
-    total, count = 0.0, 0
-    try:
-        mem = L.llama_get_memory(ctx)
-        for w in windows:
-            L.llama_memory_clear(mem, True)
-            batch.n_tokens = T
-            for i, t in enumerate(w.tolist()):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
-                batch.seq_id[i][0] = 0
-            if L.llama_decode(ctx, batch) != 0:
-                raise EdgesparseError(f"{path}: llama_decode failed")
-            logits = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float)),
-                                           shape=(T, V))    # [T, V], row i predicts token i+1
-            nll = np.empty(T - 1, np.float64)
-            nll_rows(np.ascontiguousarray(logits[:-1]), np.ascontiguousarray(w[1:], np.int64), nll)
-            total += float(nll.sum())
-            count += T - 1
-            if bar:
-                bar.update(note=f"llama.cpp ppl so far {np.exp(total / count):.2f}")
-    finally:
-        L.llama_batch_free(batch)
-        L.llama_free(ctx)
-        L.llama_model_free(model)
-    return float(np.exp(total / count))
-
-
-def _llama_cpp(path: str, threads: int, n_prompt: int, n_gen: int, load: str = "mmap") -> dict:
-    """Decode speed and memory of llama.cpp on a GGUF (see _llama_open); load "ram" = --no-mmap."""
-    import ctypes
-
-    import numpy as np
-
-    from .metrics import latency_stats, prompt_ids, rss_split_mb
-
-    t0 = time.perf_counter()
-    L, model, ctx, V = _llama_open(path, threads, n_prompt + n_gen + 8, max(n_prompt, 8), use_mmap=load == "mmap")
-    t_load = time.perf_counter() - t0
-    after_load = rss_split_mb()
-    mem = L.llama_get_memory(ctx)
-
-    def decode(ids: list[int]) -> np.ndarray:
-        arr = (L.llama_token * len(ids))(*ids)
-        if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(ids))) != 0:
-            raise EdgesparseError(f"{path}: llama_decode failed")
-        return np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(ctx, -1), ctypes.POINTER(ctypes.c_float)),
-                                     shape=(V,))            # [V] logits of the last token
-    try:
-        ids = prompt_ids(n_prompt, V).tolist()
-        decode(ids[:2])              # warm-up: a batch and a single token, then a fresh sequence
-        decode(ids[2:3])
-        L.llama_memory_clear(mem, True)
-        t = time.perf_counter()
-        logits = decode(ids)
-        prefill = time.perf_counter() - t
-        lat = []
-        for _ in range(n_gen - 1):
-            tok = int(np.argmax(logits))
-            t = time.perf_counter()
-            logits = decode([tok])
-            lat.append(time.perf_counter() - t)
-    finally:
-        L.llama_free(ctx)
-        L.llama_model_free(model)
-    # a dense engine reads every tensor once per token: the GGUF's size (its metadata is negligible)
-    return {"load_s": t_load, **latency_stats(prefill, lat), "bytes_per_token": float(os.path.getsize(path)),
-            "after_load": after_load, "end": rss_split_mb(), "repack": False}

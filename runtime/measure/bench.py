@@ -4,9 +4,11 @@ configurations alternate within each round, and medians over rounds are reported
 machines are noisy, and only comparisons made in one run mean much.
 
 A configuration is edgesparse at (ffn mode, sparsity, threads), optionally under a RAM budget
-(residency.py), or another engine at a thread count (against.py; the Hugging Face engines' workers
-are handed over by the workstation side, export/engines.py). `run_positions` measures latency
-against position instead (positions.py).
+(residency.py), or another engine at a thread count (against.py names them: llama.cpp's own
+llama-bench runs from llama_bench.py; the Hugging Face engines' workers are handed over by the
+workstation side, export/engines.py). Every row reports the weight bytes a decode step reads and
+the effective bandwidth, bytes x tok/s; bench_report.py writes the table. `run_positions` measures
+latency against position instead (positions.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 from edgesparse.errors import EdgesparseError
 from edgesparse.progress import Progress
 
+from . import bench_report
+from .against import LLAMA_CPP
 from .metrics import latency_stats, prompt_ids, rss_split_mb
 
 
@@ -114,15 +118,18 @@ def bytes_per_token(m) -> float:
     """Weight bytes a decode step reads: the attention projections, the FFN rows the kernel touched
     (gate, up and down rows, counted per step), the predictor in predict mode, one embedding row,
     and the whole lm_head."""
-    lw0 = m.layers[0]
-    # bytes of one FFN row with its scales (int8: one per row; int4: one per group of 32)
-    row = (lw0.ffn.nbytes + lw0.ffn_scale.nbytes) / (lw0.ffn.shape[0] * lw0.ffn.shape[1])
+    lw0, R = m.layers[0], m.cfg.ffn_rows
+    # bytes of one FFN row with its scales: a neuron's gate, up or down row (in blocks of 16 neurons
+    # each is 1/16 of the block's tiles or one down column: the same bytes)
+    neurons = lw0.ffn.shape[0] * (16 if lw0.ffn_bits else 1)
+    row = (lw0.ffn.nbytes + lw0.ffn_scale.nbytes) / (neurons * R)
     attn = sum(lw.qkv.nbytes + lw.o.nbytes + lw.qkv_scale.nbytes + lw.o_scale.nbytes for lw in m.layers)
     rows = np.mean(m.stats.ffn_rows) if m.stats.ffn_rows else 0.0
     ffn = rows * row
     if m.ffn_mode == "predict":
         ffn += sum(lw.pred_q.nbytes + lw.pred_scale.nbytes for lw in m.layers)
-    head = m.head.nbytes + m.head_scale.nbytes + m.embed[0].nbytes
+    embed_row = (m.embed.nbytes + m.embed_scale.nbytes) / m.cfg.vocab_size      # tiles: one row's share
+    head = m.head.nbytes + m.head_scale.nbytes + embed_row
     return float(attn + ffn + head)
 
 
@@ -170,9 +177,12 @@ def worker(spec: dict) -> dict:
     if spec["engine"] == "edgesparse":
         return measure(spec["package"], spec["threads"], spec["sparsity"], spec["prompt_tokens"], spec["gen_tokens"],
                        spec["ffn"], spec.get("budget_mb"), spec.get("load", "mmap"), spec["settings"])
-    from . import against
-    r = against.measure(spec["engine"], spec["path"], spec["threads"], spec["prompt_tokens"], spec["gen_tokens"],
-                        spec.get("load", "mmap"))
+    from . import llama_bench
+    if spec["engine"] not in llama_bench.ENGINES:
+        raise EdgesparseError(f"--against {spec['engine']}: measured by the workstation's worker, "
+                              "edgesparse.export.engines")
+    r = llama_bench.measure(spec["llama_bench"], spec["path"], spec["threads"], spec["prompt_tokens"],
+                            spec["gen_tokens"], spec.get("load", "mmap"), llama_bench.ENGINES[spec["engine"]])
     return engine_row(spec, r)
 
 
@@ -225,9 +235,9 @@ def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: i
     specs = [common | {"engine": "edgesparse", "threads": t, "sparsity": s, "ffn": f, "budget_mb": b, "load": ld,
                        "settings": settings(f, s)}
              for s, f, b, ld in _configs(threads, sparsities, list(ffns), budget_mb, loads) for t in threads]
-    # llama.cpp also has both loads (mmap, --no-mmap); ORT and transformers always read into memory
+    # llama.cpp also has both loads (mmap, -lm none); ORT and transformers always read into memory
     specs += [common | {"engine": e, "threads": t, "load": ld} | given for e, given in (against or {}).items()
-              for ld in (loads if e == "llama.cpp" else ("mmap",)) for t in threads]
+              for ld in (loads if e in LLAMA_CPP else ("mmap",)) for t in threads]
     runs = _run_workers(specs, rounds, progress, "bench")
     summary = [_summarize(spec, rs) for spec, rs in zip(specs, runs)]
     res = {"package": str(pkg), "package_info": package_info(pkg), "prompt_tokens": n_prompt, "gen_tokens": n_gen,
@@ -237,20 +247,33 @@ def run_bench(pkg: str, threads: list[int], sparsities: list[float], n_prompt: i
         res["projection"] = roofline.project(res, profile, boards.results_for(profile["board"], profile))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "bench.md").write_text(report(res) + "\n")
-    _plot(res, out / "bench.png")
+    (out / "bench.md").write_text(bench_report.report(res) + "\n")
+    from .plots import bench_png
+    bench_png(res, out / "bench.png")
     return res
 
 
+def _median(values) -> float | None:
+    """The median, or None when an engine does not report the figure (llama-bench: no per-token
+    latencies, no RSS after load)."""
+    vs = list(values)
+    return None if any(v is None for v in vs) else statistics.median(vs)
+
+
 def _summarize(spec: dict, rs: list[dict]) -> dict:
-    med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+    med = lambda f: _median(f(r) for r in rs)  # noqa: E731
     row = {k: spec.get(k) for k in ("engine", "threads", "sparsity", "ffn", "budget_mb", "load")}
     row.update({k: med(lambda r: r[k]) for k in ("tok_s", "prefill_ms", "p50_ms", "p90_ms", "p99_ms")})
     row.update(rss_after_load_mb=med(lambda r: r["after_load"]["rss_mb"]),
                peak_rss_mb=med(lambda r: r["end"]["peak_rss_mb"]),
                rss_file_mb=med(lambda r: r["end"]["rss_file_mb"]),
                rss_anon_mb=med(lambda r: r["end"]["rss_anon_mb"]),
-               mb_read_per_token=med(lambda r: r["bytes_per_token"]) / 1e6)
+               mb_read_per_token=med(lambda r: r["bytes_per_token"]) / 1e6,
+               # effective bandwidth: the weight bytes a decode step reads x decode steps per second
+               gb_s=med(lambda r: r["bytes_per_token"] * r["tok_s"]) / 1e9)
+    if spec["engine"] in LLAMA_CPP:
+        row.update(gguf=spec["path"], gguf_type=rs[0]["gguf_type"], repack=rs[0]["repack"],
+                   llama_bench=rs[0]["llama_bench"])
     if spec["engine"] == "edgesparse":
         row.update(weights_resident_mb=med(lambda r: r["weights_resident_mb"]),
                    decode_peak_rss_mb=med(lambda r: r["decode_peak_rss_mb"]),
@@ -262,98 +285,6 @@ def _summarize(spec: dict, rs: list[dict]) -> dict:
     return row
 
 
-def report(res: dict) -> str:
-    """The markdown written to bench.md: the table, and the projection when there is one."""
-    text = table(res)
-    if res.get("projection"):
-        from . import roofline
-        text += "\n\n" + roofline.table(res["projection"])
-    return text
-
-
-def _load_of(r: dict) -> str:
-    """A summary row's weight load (rows written before --load existed have none: mmap)."""
-    return r.get("load") or "mmap"
-
-
-def table(res: dict) -> str:
-    rows = res["summary"]
-    # "vs dense": against the dense run at the same thread count and load (other engines: mmap's)
-    base = {(r["threads"], _load_of(r)): r["tok_s"] for r in rows
-            if r.get("engine", "edgesparse") == "edgesparse" and r["sparsity"] == 0 and not r.get("budget_mb")}
-    budget = any(r.get("budget_mb") for r in rows)
-    loads = any(_load_of(r) != "mmap" for r in rows)
-    head = ["engine", "ffn", "sparsity", "threads"] + (["load"] if loads else []) + [
-            "tok/s", "vs dense", "p50 ms", "p90 ms", "p99 ms", "prefill ms",
-            "RSS load MB", "peak RSS MB", "file / anon MB", "MB read/token"]
-    if budget:
-        head += ["budget MB", "weights resident MB", "decode peak RSS MB", "major faults/token"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        b = base.get((r["threads"], _load_of(r)))
-        es = r.get("engine", "edgesparse") == "edgesparse"
-        cells = [r.get("engine", "edgesparse"), r["ffn"] if es else "-", f"{r['sparsity']:.1f}" if es else "-",
-                 str(r["threads"])] + ([_load_of(r) if es or r["engine"] == "llama.cpp" else "-"]
-                                       if loads else []) + [
-                 f"{r['tok_s']:.2f}", f"{(r['tok_s'] / b) if b else float('nan'):.2f}x",
-                 f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['prefill_ms']:.0f}",
-                 f"{r['rss_after_load_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                 f"{r['rss_file_mb']:.0f} / {r['rss_anon_mb']:.0f}", f"{r['mb_read_per_token']:.0f}"]
-        if budget:
-            cells += [f"{r['budget_mb']:g}" if r.get("budget_mb") else "-",
-                      f"{r['weights_resident_mb']:.0f}" if es else "-",
-                      f"{r['decode_peak_rss_mb']:.0f}" if es else "-",
-                      f"{r['major_faults_per_token']:.0f}" if es else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _plot(res: dict, path: Path) -> None:
-    from .plots import _plt
-    plt = _plt()
-    if plt is None:
-        return
-    rows = res["summary"]
-    ours = [r for r in rows if r.get("engine", "edgesparse") == "edgesparse"]
-    modes = [f for f in dict.fromkeys(r["ffn"] for r in ours) if f != "dense"]
-    budgets = list(dict.fromkeys(r.get("budget_mb") for r in ours))
-    loads = list(dict.fromkeys(_load_of(r) for r in ours))
-    # with a budget, a third panel: the weights resident while decoding, against the budget
-    fig, axes = plt.subplots(1, 3 if any(budgets) else 2, figsize=(15 if any(budgets) else 10, 3.8))
-    for t in sorted({r["threads"] for r in ours}):
-        for f in modes or ["dense"]:
-            for b, ld in ((b, ld) for b in budgets for ld in loads):
-                rs = [r for r in ours if r["threads"] == t and r["ffn"] in (f, "dense") and r.get("budget_mb") == b
-                      and _load_of(r) == ld]
-                if not rs:
-                    continue
-                lab = f"{f}, {t} threads" + (f", budget {b:g} MB" if b else "") + (f", load {ld}" if len(loads) > 1 else "")
-                axes[0].plot([r["sparsity"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=lab)
-                axes[1].plot([r["sparsity"] for r in rs], [r["peak_rss_mb"] for r in rs], marker="o", label=lab)
-                if len(axes) > 2:
-                    axes[2].plot([r["sparsity"] for r in rs], [r["weights_resident_mb"] for r in rs], marker="o",
-                                 label=lab)
-    others = [r for r in rows if r.get("engine", "edgesparse") != "edgesparse"]
-    n0 = len(axes[0].lines)
-    for i, r in enumerate(others):     # other engines: one level each, drawn across the sparsity axis
-        ld = ", no mmap" if _load_of(r) != "mmap" else ""
-        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{r['engine']}, {r['threads']} threads{ld}")
-        axes[0].axhline(r["tok_s"], **kw)
-        axes[1].axhline(r["peak_rss_mb"], **kw)
-    axes[0].set_title("decode tok/s (median)")
-    axes[1].set_title("peak RSS (MB)")
-    if len(axes) > 2:
-        for b in filter(None, budgets):
-            axes[2].axhline(b, ls=":", color="k", lw=1)
-        axes[2].set_title("weights resident while decoding (MB; dotted: budget)")
-    for ax in axes:
-        ax.set_xlabel("target sparsity")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_positions(pkg: str, threads: list[int], sparsities: list[float], ffns: list[str], positions: list[int],

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_report import engine_label
+
 
 def _plt():
     try:
@@ -157,3 +159,124 @@ def layer_cost_figure(cost: dict, out, title: str) -> list:
     axes[1].set_title("what predict mode reads")
     return save_per_layer(plt, fig, axes, f"{title}: FFN per layer at {cost['level']:.0%}, {cost['threads']} thread(s)",
                           out / "analyze_cost.png")
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def _ours(r: dict) -> bool:
+    return r.get("engine", "edgesparse") == "edgesparse"
+
+
+def _load(r: dict) -> str:
+    return r.get("load") or "mmap"      # rows written before --load existed: mmap
+
+
+def _bench_label(r: dict) -> str:
+    if not _ours(r):
+        return f"{engine_label(r)}, {r['threads']} threads" + (", no mmap" if _load(r) != "mmap" else "")
+    return (f"{r['ffn']} {r['sparsity']:g}, {r['threads']} threads"
+            + (f", budget {r['budget_mb']:g} MB" if r.get("budget_mb") else "")
+            + (f", load {_load(r)}" if _load(r) != "mmap" else ""))
+
+
+def bench_figure(res: dict):
+    """bench.png's figure, or None without matplotlib. Over several sparsity levels: tok/s and peak
+    RSS against sparsity. At one level (the default `--sparsity 0`, or a single configuration) that
+    would be one dot per line, so instead: every configuration's per-token decode latencies over
+    all rounds as a distribution, and its memory at the end of decoding."""
+    plt = _plt()
+    if plt is None:
+        return None
+    if len({r["sparsity"] for r in res["summary"] if _ours(r)}) > 1:
+        return _bench_vs_sparsity(plt, res)
+    return _bench_one_level(plt, res)
+
+
+def bench_png(res: dict, path: Path) -> list[Path]:
+    fig = bench_figure(res)
+    if fig is None:
+        return []
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return [path]
+
+
+def _bench_one_level(plt, res: dict):
+    """Left: the share of decode steps that took at most x ms (the empirical CDF over all rounds;
+    p50 / p90 / p99 are where it crosses the dotted lines). Right: resident memory at the end of
+    decoding, file-backed (the mapped weights) and anonymous, and the peak."""
+    rows = res["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    for i, r in enumerate(rows):
+        lat = np.sort([x for run in r.get("runs", []) for x in run.get("latency_ms", [])])
+        if lat.size:
+            ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, drawstyle="steps-post", color=f"C{i % 10}",
+                    label=f"{_bench_label(r)}: {r['tok_s']:.1f} tok/s"
+                    + (f", p50 {r['p50_ms']:.1f} ms" if r.get("p50_ms") is not None else ""))
+    for q in (.5, .9, .99):
+        ax.axhline(q, ls=":", color="k", lw=.7)
+    ax.set_xscale("log")        # a stalled step (a busy machine) is 10-100x the typical one
+    ax.set_xlabel("decode latency per token (ms, log scale)")
+    ax.set_ylabel("share of tokens")
+    ax.set_ylim(0, 1.01)
+    ax.set_title(f"per-token decode latency over {res['rounds']} round(s) (dotted: p50, p90, p99)", fontsize=9)
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    y = np.arange(len(rows))
+    file = np.array([r.get("rss_file_mb") or 0.0 for r in rows])
+    ax.barh(y, file, color="C0", label="file-backed (mapped weights)")
+    ax.barh(y, [r.get("rss_anon_mb") or 0.0 for r in rows], left=file, color="C1", label="anonymous")
+    ax.plot([r.get("peak_rss_mb") or np.nan for r in rows], y, "k|", ms=14, mew=2, label="peak RSS")
+    ax.set_yticks(y, [_bench_label(r) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("MB")
+    ax.set_title("resident memory at the end of decoding", fontsize=9)
+    ax.grid(alpha=.3, axis="x")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    return fig
+
+
+def _bench_vs_sparsity(plt, res: dict):
+    """tok/s and peak RSS against sparsity, a line per (mode, threads, budget, load); other engines
+    as horizontal lines. With a budget, a third panel: the weights resident while decoding."""
+    rows = res["summary"]
+    ours = [r for r in rows if _ours(r)]
+    modes = [f for f in dict.fromkeys(r["ffn"] for r in ours) if f != "dense"]
+    budgets = list(dict.fromkeys(r.get("budget_mb") for r in ours))
+    loads = list(dict.fromkeys(_load(r) for r in ours))
+    fig, axes = plt.subplots(1, 3 if any(budgets) else 2, figsize=(15 if any(budgets) else 10, 3.8))
+    for t in sorted({r["threads"] for r in ours}):
+        for f in modes or ["dense"]:
+            for b, ld in ((b, ld) for b in budgets for ld in loads):
+                rs = [r for r in ours if r["threads"] == t and r["ffn"] in (f, "dense") and r.get("budget_mb") == b
+                      and _load(r) == ld]
+                if not rs:
+                    continue
+                lab = f"{f}, {t} threads" + (f", budget {b:g} MB" if b else "") + (f", load {ld}" if len(loads) > 1 else "")
+                axes[0].plot([r["sparsity"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=lab)
+                axes[1].plot([r["sparsity"] for r in rs], [r["peak_rss_mb"] for r in rs], marker="o", label=lab)
+                if len(axes) > 2:
+                    axes[2].plot([r["sparsity"] for r in rs], [r["weights_resident_mb"] for r in rs], marker="o",
+                                 label=lab)
+    others = [r for r in rows if not _ours(r)]
+    n0 = len(axes[0].lines)
+    for i, r in enumerate(others):     # other engines: one level each, drawn across the sparsity axis
+        ld = ", no mmap" if _load(r) != "mmap" else ""
+        kw = dict(ls="--", lw=1, color=f"C{(n0 + i) % 10}", label=f"{engine_label(r)}, {r['threads']} threads{ld}")
+        axes[0].axhline(r["tok_s"], **kw)
+        if r.get("peak_rss_mb") is not None:
+            axes[1].axhline(r["peak_rss_mb"], **kw)
+    axes[0].set_title("decode tok/s (median)")
+    axes[1].set_title("peak RSS (MB)")
+    if len(axes) > 2:
+        for b in filter(None, budgets):
+            axes[2].axhline(b, ls=":", color="k", lw=1)
+        axes[2].set_title("weights resident while decoding (MB; dotted: budget)")
+    for ax in axes:
+        ax.set_xlabel("target sparsity")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    return fig

@@ -144,8 +144,10 @@ class Residency:
             raise EdgesparseError("a RAM budget releases pages of mapped files: it needs --load mmap")
         self.model, self.budget = model, int(budget_bytes)
         check_budget(pkg.manifest, self.budget, model.ffn_mode == "predict")
+        # the unit of a region is a neuron's rows, or a block of 16 neurons (int4 / int8 FFN blocks)
         self.regions = [_FfnRegion(pkg, e.ffn, model.ffn[l].strides[0], model.ffn[l].shape[0])
                         for l, e in enumerate(pkg.manifest.layers)]
+        self.per_unit = [16 if lw.ffn_bits else 1 for lw in model.layers]
         self._maps = [address(mm) for mm in pkg.mappings().values()]     # (view, addr) per file
         self._sizes = [len(mm) for mm in pkg.mappings().values()]
         self.last = np.full((L, model.cfg.ffn_dim), -1, np.int64)   # [L, N] step each neuron was last used
@@ -199,7 +201,7 @@ class Residency:
             return total
         need = -(-(total - int(LOW_WATER * self.budget)) // PAGE)     # pages to free
         res = [r.resident() for r in self.regions]                   # [P_l] bool per layer
-        warmth = np.concatenate([r.page_last_used(self.last[l])[res[l]] for l, r in enumerate(self.regions)])
+        warmth = np.concatenate([r.page_last_used(self._unit_last(l))[res[l]] for l, r in enumerate(self.regions)])
         layer = np.concatenate([np.full(int(m.sum()), l, np.int64) for l, m in enumerate(res)])
         page = np.concatenate([np.flatnonzero(m) for m in res])
         pick = np.argsort(warmth, kind="stable")[:need]              # coldest first
@@ -210,6 +212,16 @@ class Residency:
         if after > self.budget:
             self.over_budget += 1
         return after
+
+    def _unit_last(self, l: int) -> np.ndarray:
+        """[units] the step each unit of layer l (a neuron, or a block of 16) was last used."""
+        g, last = self.per_unit[l], self.last[l]
+        if g == 1:
+            return last
+        units = self.model.ffn[l].shape[0]
+        pad = np.full(units * g, -1, np.int64)
+        pad[:min(last.size, units * g)] = last[:units * g]
+        return pad.reshape(units, g).max(axis=1)
 
     def report(self) -> dict:
         tr = self.resident_trace or [self.resident_bytes()]

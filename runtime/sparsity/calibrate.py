@@ -115,7 +115,7 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
         hist["input"].add(layer, f)
         if predictor is not None:
             lw = model.layers[layer]
-            wp = np.empty((g.shape[1], lw.ffn.shape[1] - 1, f.shape[1]), np.float32)     # [N, R-1, D]
+            wp = np.empty((g.shape[1], model.cfg.ffn_rows - 1, f.shape[1]), np.float32)     # [N, R-1, D]
             gp, up = K.predicted_gate_up(*predictor[layer], lw.ffn_bias_in, f, wp)        # [S, N]
             K.activation(gp, act, gp)
             hist["predicted"].add(layer, gp if up is None else gp * up)

@@ -67,7 +67,7 @@ def measure(model, ids: np.ndarray, level: float, prompt: int = 32, steps: int =
     kept, total, cand = (counts["predict"][:, i].astype(np.float64) for i in range(3))
     layers = []
     for l, lw in enumerate(model.layers):
-        N = lw.ffn.shape[0]
+        N = lw.n
         row_bytes = (lw.ffn.nbytes + lw.ffn_scale.nbytes) / (N * R)     # one gate, up or down row with its scales
         rows = ((R - 1) * cand[l] + kept[l]) / steps                     # rows read per token
         pred_bytes = lw.pred_q.nbytes + lw.pred_scale.nbytes

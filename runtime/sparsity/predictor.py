@@ -49,10 +49,18 @@ def dequantize(pq: np.ndarray, ps: np.ndarray) -> np.ndarray:
 
 def build(pkg, progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Quantize every layer's gate and up rows (fc1 rows) of a package: [(pq, ps)] per layer."""
+    from edgesparse.errors import EdgesparseError
+    from edgesparse.format import FFN_BLOCKS
     out = []
     for l in pkg.manifest.layers:
-        w = pkg.tensor(l.ffn)                                         # [N, R, D] (int4: [N, R, D/2])
-        if l.ffn + ".scale" in pkg.manifest.tensors:                  # int8 / int4 storage: the rows it stands for
+        if pkg.manifest.tensor(l.ffn).dtype in FFN_BLOCKS:
+            # Predict mode reads single neurons' gate and up rows; an int4 / int8 FFN stores them
+            # in tiles of 16 neurons (edgesparse/tiles.py), read whole. (At those widths the int8
+            # predictor was as large as the rows it guards anyway.)
+            raise EdgesparseError(f"{pkg.path}: --predictor needs an FFN stored in rows (float32 or float16); "
+                                  f"this package's {l.ffn!r} is {pkg.manifest.tensor(l.ffn).dtype}, tiles of 16 neurons")
+        w = pkg.tensor(l.ffn)                                         # [N, R, D]
+        if l.ffn + ".scale" in pkg.manifest.tensors:                  # int8 rows: the values they stand for
             w = quant.dequantize(w, pkg.tensor(l.ffn + ".scale"))
         out.append(quantize(w))
         if progress:
@@ -76,7 +84,7 @@ def install(pkg_dir: Path, manifest, pred, t_pred) -> "Manifest":
     import os
     import secrets
 
-    from edgesparse.format import write_raw
+    from edgesparse.format_write import write_raw
     pkg_dir = Path(pkg_dir)
     name = f"pred-{secrets.token_hex(4)}"
     tmp = pkg_dir / f".{name}.partial"

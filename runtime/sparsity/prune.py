@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesparse import tiles
 from edgesparse.errors import EdgesparseError
-from edgesparse.format import LayerEntry, Manifest, write_manifest_atomic, write_raw
+from edgesparse.format import FFN_BLOCKS, LayerEntry
+from edgesparse.format_write import write_manifest_atomic, write_raw
 
 from .. import kernels as K
 
@@ -35,7 +37,7 @@ def activity(model, windows: np.ndarray, thresholds, progress: bool = True) -> l
     (h of the dense model, through the BLAS prefill path)."""
     from .calibrate import run_dense
     act = K.ACT_CODES[model.cfg.activation]
-    counts = [np.zeros(lw.ffn.shape[0], np.int64) for lw in model.layers]
+    counts = [np.zeros(lw.n, np.int64) for lw in model.layers]
     seen = [0]
 
     def observe(l, off, f, g, u):
@@ -49,11 +51,18 @@ def activity(model, windows: np.ndarray, thresholds, progress: bool = True) -> l
     return [c / max(seen[0], 1) for c in counts]
 
 
-def _layer_tensors(pkg, entry: LayerEntry, keep: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
-    """The per-neuron tensors of a layer's FFN file, restricted to the kept neurons."""
+def _layer_tensors(pkg, entry: LayerEntry, keep: np.ndarray) -> list[tuple]:
+    """The per-neuron tensors of a layer's FFN file, restricted to the kept neurons. FFN blocks of
+    16 neurons (int4 / int8) are decoded to their integer values and scales and packed again, a
+    lossless repacking (edgesparse/tiles.py)."""
     t = pkg.manifest.tensors
     out = []
-    for name in (entry.ffn, entry.ffn + ".scale", entry.ffn_bias_in):
+    f = t[entry.ffn]
+    if f.dtype in FFN_BLOCKS:
+        bits = FFN_BLOCKS[f.dtype]
+        q, d = tiles.from_ffn_blocks(np.asarray(pkg.tensor(entry.ffn)).view(np.uint8), *f.shape, bits)
+        out.append((entry.ffn, tiles.to_ffn_blocks(q[keep], d[keep], bits), f.dtype, (keep.size,) + f.shape[1:]))
+    for name in ((entry.ffn, entry.ffn + ".scale") if f.dtype not in FFN_BLOCKS else ()) + (entry.ffn_bias_in,):
         if name is not None and name in t:
             out.append((name, np.asarray(pkg.tensor(name))[keep], t[name].dtype))
     if entry.ffn_bias_out is not None:
