@@ -113,8 +113,10 @@ def test_cli_eval_outputs(eval_out, text_file, tiny_hf, capsys):
     # what the numbers are, then the table
     assert md[0].startswith("edgesparse's perplexity on ") and "3 non-overlapping windows of 128 tokens" in md[0]
     assert f"all 127 positions of each scored ({3 * 127} predictions in all)" in md[0]
-    assert md[2].startswith("| method | target | perplexity") and len(md) == 4 + len(rs)
+    assert md[2].startswith("| method | target | perplexity") and md[4 + len(rs)] == ""
     assert md[4].startswith("| dense | 0.0 | ") and f"{rs[0]['perplexity']:.2f}" in md[4]
+    # then the KL divergence from dense on the same windows (the tiny package has no chat template)
+    assert md[5 + len(rs)].startswith("KL divergence from the dense model on the text") and "chat" not in res
     pngs = sorted(p.name for p in eval_out.glob("*.png"))
     print(pngs)
     assert pngs == ["activation_histograms.png", "perplexity_vs_sparsity.png", "quality_vs_sparsity.png",

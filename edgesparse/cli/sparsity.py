@@ -39,9 +39,8 @@ def calibrate(a: argparse.Namespace) -> int:
         if a.budget:
             raise EdgesparseError(f"--budget: {a.package} has no chat template to measure chat quality with; "
                                   "pass --target LEVEL")
-        target, how = 0.5, "no chat template: the paper's level"
-        print(f"edgesparse: {a.package} has no chat template, so no chat quality budget: activating the "
-              "paper's 0.5 (--target to choose)", file=sys.stderr)
+        # said in the closing line, once the text has been read: a bad --text stays a one-line error
+        target, how = 0.5, "no chat template to measure a quality budget on: the paper's level; --target to choose"
     text, desc = load_text(a.text, "valid")
     ids = TextCodec(model.pkg).encode(text, special=False)
     chat, chat_info = quality.chat_transcripts(a, model)

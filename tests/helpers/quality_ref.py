@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgesparse.format import read_manifest, write_manifest_atomic
+from edgesparse.format import read_manifest
+from edgesparse.format_write import write_manifest_atomic
 
 # A one-turn chat in the tiny WordLevel vocabulary: w1 (BOS) w3 CONTENT w4, then w5 to answer.
 TEMPLATE = ("{{ bos_token }} w3{% for m in messages %} {{ m['content'] }} w4{% endfor %}"
