@@ -5,6 +5,7 @@ budgeted calibration's choice, on the tiny random models. The real SmolLM2: test
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_bad_instruction_files(line, needle):
         chatdata.parse(line, "f.jsonl")
 
 
-def test_dense_answers_are_cached(chat_pkg, tmp_path, monkeypatch):
+def test_dense_answers_are_cached(chat_pkg, tmp_path):
     m = Model(chat_pkg, ctx=256)
     codec = TextCodec(m.pkg)
     items = chatdata.InstructionSet("t", tuple(chatdata.Instruction(f"i{k}", "", f"w{k} w{k + 7} w9") for k in range(10, 16)),
@@ -121,14 +122,21 @@ def test_dense_answers_are_cached(chat_pkg, tmp_path, monkeypatch):
     for item, a in zip(items.items, got):       # the dense greedy answer, as generate makes it
         ref, _ = generate(dense, list(a.prompt), 12, _greedy())
         assert list(a.answer) == ref and a.prompt == tuple(codec.chat_prompt(item.text))
-    assert len(list(tmp_path.glob("*.json"))) == 1
-
-    def fail(*args, **kw):
-        raise AssertionError("generated again")
-    monkeypatch.setattr(answers, "generate", fail)
+    entries = list(tmp_path.glob("*.json"))
+    assert len(entries) == 1
+    # the second call reads the entry: an answer edited in it comes back as edited
+    doc = json.loads(entries[0].read_text())
+    doc["answers"][0]["answer"] = [7, 7, 7]
+    entries[0].write_text(json.dumps(doc))
+    again = answers.dense_answers(m, codec, items, 12, tmp_path, progress=False)
+    assert again[0].answer == (7, 7, 7) and again[1:] == got[1:]
+    # another length is another entry, generated: greedy, so the same answers cut at 11
+    short = answers.dense_answers(m, codec, items, 11, tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert [a.answer for a in short] == [a.answer[:11] for a in got]
+    # a damaged entry is generated again, not an error
+    entries[0].write_text("{not json")
     assert answers.dense_answers(m, codec, items, 12, tmp_path, progress=False) == got
-    with pytest.raises(AssertionError):           # another length is another entry
-        answers.dense_answers(m, codec, items, 11, tmp_path, progress=False)
 
 
 def _greedy():
