@@ -47,12 +47,13 @@ def rope_tables(cfg, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray
             (freqs.sin() * scaling).numpy().astype(np.float32))
 
 
-def model_config(arch: archs.Arch, cfg, tok, hf, g: dict) -> ModelConfig:
+def model_config(arch: archs.Arch, cfg, tok: source.SourceTokenizer, hf, g: dict) -> ModelConfig:
     """g: arch.extract_globals(hf), which says which optional global tensors the model has."""
+    # A GGUF's end-of-generation ids are llama.cpp's, complete; an HF model's config may name EOS
+    # ids its tokenizer does not (Llama-3's config lists <|eot_id|> and <|eom_id|> too).
     eos = cfg.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-        eos.append(tok.eos_token_id)
+    eos = [] if eos is None or tok.from_gguf else ([eos] if isinstance(eos, int) else list(eos))
+    eos += [i for i in tok.eos_token_ids if i not in eos]
     ffn0 = arch.extract_ffn(arch.layer_modules(hf)[0])
     return ModelConfig(
         arch=arch.name, d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
@@ -128,10 +129,12 @@ def _export(model: str | None, out: Path, dtype: str, force: bool, progress: boo
             calibrate: str | None) -> Path:
     from tqdm.auto import tqdm
     src = source.resolve(model)
+    # a GGUF's tokenizer comes from its metadata alone: an unsupported one is refused before anything loads
+    gguf_tok = source.load_tokenizer(src) if src.gguf_file is not None else None
     cfg = source.load_config(src)
     arch = archs.lookup(cfg.model_type)          # before loading weights: fail fast
     arch.check(cfg)
-    tok = source.load_tokenizer(src)
+    tok = gguf_tok or source.load_tokenizer(src)
     hf = source.load_model(src, cfg)
     g = arch.extract_globals(hf)
     mc = model_config(arch, cfg, tok, hf, g)
@@ -180,11 +183,11 @@ def _export(model: str | None, out: Path, dtype: str, force: bool, progress: boo
             w.raw("norm.bin", [(n, g[n], "float32") for n in norm])
         if rope_tensors:
             w.raw("rope.bin", rope_tensors)
-        w.blob("tokenizer.json", tok.backend_tokenizer.to_str().encode("utf-8"), "tokenizer")
+        w.blob("tokenizer.json", tok.tokenizer.to_str().encode("utf-8"), "tokenizer")
         manifest = Manifest(
             config=mc, source=src.describe(),
             exporter={"name": "edgesparse", "version": __version__, "dtype": dtype, "head_dtype": head_dtype,
                       **({"int4_importance": imp_desc} if imp_desc else {})},
             files=w.files, tensors=w.tensors, layers=tuple(layers),
-            sparsity={"method": "none"}, chat_template=getattr(tok, "chat_template", None))
+            sparsity={"method": "none"}, chat_template=tok.chat_template)
         return w.finish(manifest)

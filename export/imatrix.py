@@ -25,12 +25,13 @@ WINDOW = 512
 
 
 def input_importance(hf, arch, tok, text: str, progress: bool = True) -> tuple[dict[str, np.ndarray], str]:
-    """(tensor name -> importance, description of the text used)."""
+    """(tensor name -> importance, description of the text used). tok: source.SourceTokenizer, the
+    package's own tokenizer."""
     import torch
     from tqdm.auto import tqdm
 
     body, desc = load_text(text, "valid")
-    ids = tok(body[: 200 * TOKENS])["input_ids"]            # a few characters per token: 200 each is plenty
+    ids = tok.encode(body[: 200 * TOKENS])                  # a few characters per token: 200 each is plenty
     window = min(WINDOW, getattr(hf.config, "max_position_embeddings", None) or WINDOW)   # learned positions end
     windows = token_windows(ids, window, TOKENS // window, what=f"--calibrate {text}")
     sums: dict[str, torch.Tensor] = {}

@@ -91,10 +91,32 @@ def load_model(src: Source, cfg):
     return model
 
 
-def load_tokenizer(src: Source):
+@dataclass(frozen=True)
+class SourceTokenizer:
+    """What the package takes from a model's tokenizer."""
+    tokenizer: object                   # tokenizers.Tokenizer: written as the package's tokenizer.json
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]      # a GGUF's: all of llama.cpp's end-of-generation ids
+    chat_template: str | None
+    from_gguf: bool                     # the ids above are complete (an HF config may add EOS ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+
+def load_tokenizer(src: Source) -> SourceTokenizer:
+    """A GGUF's tokenizer is built from its own fields, as llama.cpp reads them (gguf_tokenizer.py:
+    transformers' GGUF conversion adds BOS tokens and breaks SentencePiece vocabularies); an HF
+    model's is its own fast tokenizer, with the post-processor its tokenizer class configures."""
+    if src.gguf_file is not None:
+        from .gguf_tokenizer import load
+        t = load(Path(src.directory) / src.gguf_file)
+        return SourceTokenizer(t.tokenizer, t.bos_token_id, t.eos_token_ids, t.chat_template, from_gguf=True)
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    tok = AutoTokenizer.from_pretrained(src.directory)
     if not getattr(tok, "is_fast", False):
         raise EdgesparseError(f"{src.ref}: the tokenizer has no fast (tokenizers) version; "
                               "edgesparse ships tokenizer.json to the device")
-    return tok
+    eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
+    return SourceTokenizer(tok.backend_tokenizer, tok.bos_token_id, eos, getattr(tok, "chat_template", None),
+                           from_gguf=False)

@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from helpers.llama_cpp import LlamaTokenize  # noqa: E402
 
 # Tiny model: small and odd-ish on purpose. head_dim = 96/6 = 16 (ORT's GroupQueryAttention wants a
 # multiple of 8), GQA with 3 query heads per kv head, intermediate 136 is not a power of two.
@@ -117,11 +118,16 @@ def smollm2_pkg(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_hf():
-    """(tokenizer, float32 transformers model) of the same default source the package came from."""
+    """(transformers' tokenizer, float32 transformers model) of the same default source the package
+    came from. The tokenizer is transformers' GGUF conversion: right for decoding and for rendering
+    the chat template, but its encoding prepends a BOS SmolLM2 does not have (its GGUF says
+    add_bos_token = false); token ids to compare with come from llama.cpp (`llama_tokenize`)."""
+    from transformers import AutoTokenizer
+
     from edgesparse.export import source
     src = source.resolve(None)
     cfg = source.load_config(src)
-    return source.load_tokenizer(src), source.load_model(src, cfg)
+    return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file), source.load_model(src, cfg)
 
 
 @pytest.fixture(scope="session")
@@ -219,3 +225,15 @@ def smol_gguf_as(llama_cpp_bin, smol_gguf, tmp_path_factory):
             made[ftype] = out
         return made[ftype]
     return make
+
+
+@pytest.fixture(scope="session")
+def llama_tokenize() -> LlamaTokenize:
+    """llama.cpp's own tokenizer (its llama-tokenize), the reference for the package tokenizer:
+    found, skipped or failed as llama_cpp_bin is."""
+    from edgesparse.errors import EdgesparseError
+    from edgesparse.runtime.measure import llama_cpp
+    try:
+        return LlamaTokenize(llama_cpp.find("llama-tokenize"))
+    except EdgesparseError as e:
+        _need_llama_cpp(str(e))

@@ -339,3 +339,48 @@ def test_calibrate_eval_and_predict_work_for_every_family(arch, tmp_path, capsys
         assert abs(paper["achieved_sparsity_mean"] - 0.5) <= 0.03
     assert 0 < predict["ffn_bytes_skippable"] < 1 and math.isfinite(predict["perplexity"])
     assert all(0 < c < 1 for c in predict["candidates_per_layer"])
+
+
+# == tokenizer: from an HF directory, the model's own ==================================================
+HF_TEXTS = ["w5 w6 w7", "w1 w200 w2", "", "w9  w10\nw11", "w0 w3 w210"]
+
+
+def test_package_tokenizer_encodes_like_autotokenizer(arch):
+    """From a Hugging Face directory the package keeps the model's own tokenizer: its encoding
+    equals AutoTokenizer's, special tokens included."""
+    from transformers import AutoTokenizer
+
+    from edgesparse.runtime.core.package import Package
+    from edgesparse.runtime.core.text import TextCodec
+    name, hf, pkg = arch
+    tok = AutoTokenizer.from_pretrained(hf.config._name_or_path)
+    codec = TextCodec(Package(pkg))
+    for text in HF_TEXTS:
+        want = tok(text).input_ids
+        print(f"{name} {text!r}: {want}")
+        assert codec.encode(text) == want
+
+
+def test_package_keeps_the_special_tokens_the_tokenizer_class_adds(tiny_model_factory, tmp_path):
+    """LlamaTokenizerFast builds its BOS / EOS post-processor from tokenizer_config.json
+    (add_bos_token, add_eos_token) when it loads, so a tokenizer.json without one still adds them
+    through transformers; the package's tokenizer.json must carry it."""
+    import json
+
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    from edgesparse.export import export
+    from edgesparse.runtime.core.package import Package
+    from edgesparse.runtime.core.text import TextCodec
+    d = tiny_model_factory("LlamaConfig", "LlamaForCausalLM", seed=5)
+    plain = AutoTokenizer.from_pretrained(d)
+    LlamaTokenizerFast(tokenizer_object=plain.backend_tokenizer, bos_token="w1", eos_token="w2", unk_token="w0",
+                       add_bos_token=True, add_eos_token=True).save_pretrained(d)
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(d)
+    assert type(tok).__name__ == "LlamaTokenizerFast" and tok("w5 w6").input_ids == [1, 5, 6, 2]
+    codec = TextCodec(Package(export(str(d), tmp_path / "m.esp", progress=False)))
+    for text in HF_TEXTS:
+        assert codec.encode(text) == tok(text).input_ids, text

@@ -21,18 +21,36 @@ from edgesparse.runtime.core.text import TextCodec
 pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
-N_TOKENS = 32
+# llama.cpp's tokens for PROMPT on the default GGUF (llama-tokenize; no BOS: the GGUF says
+# add_bos_token = false), checked live by test_prompt_ids_are_llama_cpps
+PROMPT_IDS = [504, 3575, 282, 4649, 314]
+N_TOKENS = 24       # fed these ids, SmolLM2 ends its greedy answer (EOS) after 30 tokens
 # Documented in edgesparse.runtime.generate.RunStats (`edgesparse run --stats-json`).
 STATS_KEYS = {"prompt_tokens", "generated_tokens", "prefill_ms", "decode_tokens_per_s", "latency_p50_ms",
               "latency_p90_ms", "peak_rss_mb", "ffn_rows_read_per_token", "ffn_rows_total",
               "ffn_rows_read_fraction", "threads", "stop", "thread_choice"}
 
 
+def _default_gguf():
+    from edgesparse.export import source
+    return source.default_gguf()
+
+
+def test_prompt_ids_are_llama_cpps(llama_tokenize, smollm2_pkg):
+    """What llama.cpp feeds the model for PROMPT, and the package's tokenizer feeds the same."""
+    want = llama_tokenize.ids(_default_gguf(), PROMPT)
+    got = TextCodec(Package(smollm2_pkg)).encode(PROMPT)
+    print("llama.cpp", want, "\npackage  ", got)
+    assert want == PROMPT_IDS
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def hf_greedy(smollm2_hf):
-    """transformers' greedy continuation of PROMPT in float32: (prompt ids, new ids, logits [32, V])."""
+    """transformers' greedy continuation of llama.cpp's PROMPT ids in float32: (prompt ids, new ids,
+    logits [N_TOKENS, V])."""
     tok, model = smollm2_hf
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    ids = torch.tensor([PROMPT_IDS])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_TOKENS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
@@ -44,7 +62,7 @@ def test_greedy_tokens_identical_to_transformers(smollm2_pkg, hf_greedy):
     prompt, hf_tokens, hf_logits = hf_greedy
     assert len(hf_tokens) == N_TOKENS, "transformers stopped early (EOS); the comparison would be short"
     rt = Model(smollm2_pkg, ctx=128)
-    assert TextCodec(rt.pkg).encode(PROMPT) == prompt      # the shipped tokenizer.json agrees with HF's
+    assert TextCodec(rt.pkg).encode(PROMPT) == prompt      # the shipped tokenizer.json feeds what llama.cpp feeds
     logits = rt.forward(prompt)
     toks, lg = [], []
     for _ in range(N_TOKENS):
@@ -90,17 +108,18 @@ def test_cli_run_text_and_stats_json(smollm2_pkg, smollm2_hf, hf_greedy, capsys,
     assert stats["latency_p50_ms"] <= stats["latency_p90_ms"]
 
 
-def test_chat_prompt_matches_transformers_template(smollm2_pkg, smollm2_hf):
+def test_chat_prompt_matches_transformers_template(smollm2_pkg, smollm2_hf, llama_tokenize):
+    """The chat prompt: the template rendered as transformers renders it, tokenized as llama.cpp
+    tokenizes it (special tokens parsed; the template writes them itself, so no BOS added)."""
     tok, _ = smollm2_hf
     codec = TextCodec(Package(smollm2_pkg))
     assert codec.template, "the default model ships a chat template"
     msg = "What is the capital of France?"
-    want = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True, tokenize=True)
-    if isinstance(want, dict) or hasattr(want, "input_ids"):
-        want = want["input_ids"]
+    text = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True, tokenize=False)
+    want = llama_tokenize.ids(_default_gguf(), text, bos=False)
     got = codec.chat_prompt(msg)
-    print(tok.decode(got))
-    assert got == list(want)
+    print(repr(text), "\n", got)
+    assert got == want
 
 
 def test_cli_run_chat(smollm2_pkg, capsys):
