@@ -181,3 +181,20 @@ def test_run_prefill_option(chat_pkg, capsys):
     print(outs, default, dense)
     assert default == outs["dense"]                 # the package's policy: dense unless calibrate said otherwise
     assert outs["dense"].split()[0] == dense.split()[0]   # the first token comes from the dense prompt
+
+
+def test_eval_chat_beyond_ctx_and_dense_alone(chat_pkg, text_file, tmp_path, capsys):
+    """--ctx is the perplexity's window, not a limit on the chat prompts: a 16-token window still
+    gets the chat evaluation; and the dense model alone has nothing to compare, so no KLD or chat
+    sections (and no answers generated for them)."""
+    cache = tmp_path / "c"
+    run_ok(capsys, "eval", chat_pkg, "--text", text_file, "--ctx", 16, "--windows", 2, "--sparsity", "0,0.5",
+           "--methods", "paper", "--chat", 3, "--answer-tokens", 12, "--cache", cache, "-o", tmp_path / "a", "-q")
+    res = json.loads((tmp_path / "a" / "eval.json").read_text())
+    longest = max(len(x["prompt"]) + len(x["answer"]) for f in cache.glob("*.json")
+                  for x in json.loads(f.read_text())["answers"])
+    assert longest > 16 and res["chat"]["instructions"] == 3 and res["kld"]["window_tokens"] == 16
+    run_ok(capsys, "eval", chat_pkg, "--text", text_file, "--ctx", 16, "--windows", 2, "--sparsity", "0",
+           "--cache", tmp_path / "c2", "-o", tmp_path / "b", "-q")
+    res = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert "kld" not in res and "chat" not in res and not (tmp_path / "c2").exists()

@@ -11,6 +11,8 @@ from edgesparse.errors import EdgesparseError
 
 # eval runs the package's active criterion first, then the rest in this order, then predict mode
 ORDER = ("paper", "gate", "input")
+# eval's model holds a chat prompt and its answer whatever --ctx (the perplexity's window) is
+CHAT_CTX = 1024
 FFN_EVAL = ("threshold", "predict")
 
 
@@ -108,6 +110,8 @@ def eval_quality(a: argparse.Namespace, model, windows, settings: list, res: dic
     from edgesparse.runtime.sparsity import answers, chat_eval, chatdata, divergence
 
     yard = open_yardsticks(a, model, model.ctx)
+    if not settings and not yard:
+        return []               # dense alone: nothing to compare with dense
     md = []
     n = len(windows) if a.kld_windows is None else min(a.kld_windows, len(windows))
     if n:

@@ -140,7 +140,7 @@ def evaluate(a: argparse.Namespace) -> int:
     if a.windows is not None and a.windows < 1:
         raise EdgesparseError(f"--windows: expected a positive integer, got {a.windows}")
     out = output_dir(a.output)
-    model = Model(a.package, threads=a.threads, ctx=a.ctx, max_batch=a.ctx)
+    model = Model(a.package, threads=a.threads, ctx=max(a.ctx, quality.CHAT_CTX), max_batch=a.ctx)
     if a.ctx > model.cfg.max_position:
         raise EdgesparseError(f"--ctx {a.ctx}: longer than the model's context ({model.cfg.max_position}); "
                               "lower --ctx")
