@@ -286,3 +286,10 @@ def test_budget_parse_rejects(spec):
 def test_relative_budget_needs_a_yardstick():
     with pytest.raises(EdgesparseError, match="--yardstick"):
         budget.parse("3x").limit(None)
+
+
+@pytest.mark.parametrize("dtype,want", [("q8ffn", "int8"), ("q4ffn", "int4"), ("float16", "float16"),
+                                        ("float32", "float32")])
+def test_yardstick_width_is_export_s_name(dtype, want):
+    """Format v4 stores int8 / int4 FFNs as tiles: the yardstick row says int8 / int4, as export --dtype."""
+    assert divergence.width(dtype) == want

@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from edgesparse.errors import EdgesparseError
+from edgesparse.format import FFN_BLOCKS
 from edgesparse.progress import Progress
 
 from .levels import DENSE, Setting, apply, kept
@@ -119,9 +120,14 @@ def setting_fields(s: Setting, text: bool = True) -> dict:
 
 
 def yardstick_fields(name: str, m) -> dict:
-    dtype = m.pkg.manifest.tensor(m.pkg.manifest.layers[0].ffn).dtype
+    dtype = width(m.pkg.manifest.tensor(m.pkg.manifest.layers[0].ffn).dtype)
     return {"name": f"{dtype} dense ({name})", "ffn": "dense", "method": "yardstick", "target": 0.0,
             "prefill": None, "yardstick": name, "dtype": dtype}
+
+
+def width(dtype: str) -> str:
+    """A weight width as export --dtype names it: an int4 / int8 FFN is stored as tiles (q4ffn, q8ffn)."""
+    return f"int{FFN_BLOCKS[dtype]}" if dtype in FFN_BLOCKS else dtype
 
 
 def _f(v: float) -> str:
