@@ -89,9 +89,9 @@ def test_cli_eval_outputs(eval_out, text_file, tiny_hf, capsys):
     assert res["windows"] == 3 and res["window_tokens"] == 128 and res["predicted_tokens"] == 3 * 127
     assert res["text"] == str(text_file) and res["threads"] >= 1 and res["seconds"] > 0
     rs = res["results"]
-    # dense once, then each calibrated method at 0.5
-    assert [(r["method"], r["target"]) for r in rs] == [("dense", 0.0), ("gate", 0.5), ("input", 0.5),
-                                                        ("paper", 0.5)]
+    # dense once, then each calibrated method at 0.5: the active one (paper) first, then gate, input
+    assert [(r["method"], r["target"]) for r in rs] == [("dense", 0.0), ("paper", 0.5), ("gate", 0.5),
+                                                        ("input", 0.5)]
     for r in rs:
         assert set(r) == RESULT_KEYS
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
@@ -113,11 +113,14 @@ def test_cli_eval_outputs(eval_out, text_file, tiny_hf, capsys):
     # what the numbers are, then the table
     assert md[0].startswith("edgesparse's perplexity on ") and "3 non-overlapping windows of 128 tokens" in md[0]
     assert f"all 127 positions of each scored ({3 * 127} predictions in all)" in md[0]
-    assert md[2].startswith("| method | target | perplexity") and len(md) == 4 + len(rs)
+    assert md[2].startswith("| method | target | perplexity") and md[4 + len(rs)] == ""
     assert md[4].startswith("| dense | 0.0 | ") and f"{rs[0]['perplexity']:.2f}" in md[4]
+    # then the KL divergence from dense on the same windows (the tiny package has no chat template)
+    assert md[5 + len(rs)].startswith("KL divergence from the dense model on the text") and "chat" not in res
     pngs = sorted(p.name for p in eval_out.glob("*.png"))
     print(pngs)
-    assert pngs == ["activation_histograms.png", "perplexity_vs_sparsity.png", "sparsity_per_layer.png"]
+    assert pngs == ["activation_histograms.png", "perplexity_vs_sparsity.png", "quality_vs_sparsity.png",
+                    "sparsity_per_layer.png"]
     for p in eval_out.glob("*.png"):
         data = p.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -332,7 +335,8 @@ def test_smollm2_cli_calibration_reproduces_50_percent(smollm2_pkg, tmp_path, ca
     from edgesparse.runtime.sparsity.textdata import load_text
     pkg = tmp_path / "smol.esp"
     shutil.copytree(smollm2_pkg, pkg)
-    run_ok(capsys, "calibrate", pkg, "--text", "wikitext2", "--tokens", 2048, "-q")
+    # the paper's method: the text alone, 50 % active (the default adds chat answers and picks the level)
+    run_ok(capsys, "calibrate", pkg, "--text", "wikitext2", "--tokens", 2048, "--chat", 0, "--target", 0.5, "-q")
     sp = read_manifest(pkg).sparsity
     cal = sp["calibration"]
     assert cal["tokens"] == 2048 and cal["window"] == 512 and cal["text"].startswith("wikitext2:valid")

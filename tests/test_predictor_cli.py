@@ -165,7 +165,7 @@ def test_cli_eval_predict(pred_pkg, text_file, tmp_path, capsys):
     run_ok(capsys, "eval", pred_pkg, "--text", text_file, "--ctx", 128, "--sparsity", "0.5", "--windows", 1,
            "-o", out2, "-q")
     rs2 = json.loads((out2 / "eval.json").read_text())["results"]
-    assert [r["method"] for r in rs2] == ["gate", "input", "paper", "predict"]
+    assert [r["method"] for r in rs2] == ["paper", "gate", "input", "predict"]     # the active one first
     assert rs2[3]["perplexity"] == pytest.approx(pred["perplexity"], rel=1e-12)
     print(json.dumps(pred, indent=1))
 

@@ -44,6 +44,9 @@ def test_wheel_ships_wikitext2(tmp_path):
     assert want <= names
     readme = zipfile.ZipFile(wheel).read("edgesparse/data/wikitext-2-raw/README.md").decode()
     assert "CC BY-SA 3.0" in readme and "Merity" in readme
+    # and the chat instructions eval and calibrate use (edgesparse's own, Apache-2.0)
+    assert {f"edgesparse/data/chat/{f}" for f in ("instructions.jsonl", "calibration.jsonl", "README.md")} <= names
+    assert "Apache-2.0" in zipfile.ZipFile(wheel).read("edgesparse/data/chat/README.md").decode()
 
 
 def test_missing_text_names_the_argument(tmp_path, monkeypatch):

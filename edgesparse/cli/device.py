@@ -19,7 +19,7 @@ def run(a: argparse.Namespace) -> int:
     from edgesparse.runtime.core.sampling import Sampler
     from edgesparse.runtime.core.text import StreamDecoder, TextCodec
     from edgesparse.runtime.core.threads import ThreadTuner
-    from edgesparse.runtime.sparsity.levels import configure
+    from edgesparse.runtime.sparsity.levels import configure, prefill_policy
 
     if a.tokens < 1:
         raise EdgesparseError(f"-n/--tokens: expected a positive integer, got {a.tokens}")
@@ -55,9 +55,11 @@ def run(a: argparse.Namespace) -> int:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()
 
+    prefill = a.prefill or prefill_policy(model.pkg.manifest.sparsity)
     # no --threads: the decode thread count is chosen, and chosen again, from the steps' own times
     tuner = ThreadTuner(model, model.threads) if a.threads is None else None
-    _, stats = generate(model, ids, a.tokens, sampler, on_token, tuner)
+    _, stats = generate(model, ids, a.tokens, sampler, on_token, "sparse" if a.ffn == "dense" else prefill,
+                        tuner)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stats.stop == "context":
@@ -112,6 +114,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--head", default="full", choices=["full", "sparse"],
                    help="lm_head for decode: full (every token's logit); sparse (a 4-bit draft picks candidate "
                         "tokens, exact logits for those alone; the full head when sampling cannot be certified)")
+    r.add_argument("--prefill", default=None, choices=["dense", "sparse"],
+                   help="dense: the prompt runs dense and only the generated tokens sparse; sparse: both at the "
+                        "level (default: the package's policy, which calibrate records; dense unless told)")
     r.set_defaults(fn=run)
 
     v = sub.add_parser("verify", help="check a package's manifest, sizes and sha256 hashes",

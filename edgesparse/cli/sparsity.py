@@ -9,29 +9,41 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
+from . import quality
 from .args import levels, output_dir, text_command
 
 
 def calibrate(a: argparse.Namespace) -> int:
-    import dataclasses
     import time
 
     from edgesparse.format_write import write_manifest_atomic
     from edgesparse.runtime.sparsity import predictor
+    from edgesparse.runtime.sparsity.budget import parse
     from edgesparse.runtime.sparsity.calibrate import calibrate
-    from edgesparse.runtime.sparsity.levels import LEVELS, thresholds_for
+    from edgesparse.runtime.sparsity.levels import LEVELS
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.text import TextCodec
     from edgesparse.runtime.sparsity.textdata import load_text
 
     if a.method not in ("paper", "gate", "input"):
         raise EdgesparseError(f"--method: expected paper, gate or input, got {a.method!r}")
-    target = levels(str(a.target), "--target")[0]
-    if not any(abs(target - q) < 1e-9 for q in LEVELS):
-        raise EdgesparseError(f"--target {a.target}: not a calibrated level (calibrated: {list(LEVELS)})")
+    target, how = None, "--target"
+    if a.target is not None:
+        target = levels(str(a.target), "--target")[0]
+        if not any(abs(target - q) < 1e-9 for q in LEVELS):
+            raise EdgesparseError(f"--target {a.target}: not a calibrated level (calibrated: {list(LEVELS)})")
+    elif a.budget and parse(a.budget).relative and not a.yardstick:    # fail now, not after the calibration
+        parse(a.budget).limit(None)
     model = Model(a.package, threads=a.threads, ctx=1024, max_batch=512)
+    if target is None and not model.pkg.manifest.chat_template:
+        if a.budget:
+            raise EdgesparseError(f"--budget: {a.package} has no chat template to measure chat quality with; "
+                                  "pass --target LEVEL")
+        # said in the closing line, once the text has been read: a bad --text stays a one-line error
+        target, how = 0.5, "no chat template to measure a quality budget on: the paper's level; --target to choose"
     text, desc = load_text(a.text, "valid")
     ids = TextCodec(model.pkg).encode(text, special=False)
+    chat, chat_info = quality.chat_transcripts(a, model)
     dump = _h5_dump(a.dump, model, a.tokens) if a.dump else None
     t0 = time.perf_counter()
     # An existing predictor is re-tabulated on every calibration (its thresholds follow the level).
@@ -42,28 +54,50 @@ def calibrate(a: argparse.Namespace) -> int:
     try:
         # windows of 512 tokens, or the whole context for models with a shorter one
         table = calibrate(model, ids, tokens=a.tokens, window=min(512, model.ctx), progress=not a.quiet,
-                          dump=dump.write if dump else None, what=desc, predictor=pred)
+                          dump=dump.write if dump else None, what=desc, predictor=pred, chat=chat)
     finally:
         if dump:
             dump.close()
     table["text"] = desc
-    m = model.pkg.manifest
-    sparsity = {"method": a.method, "level": target, "calibration": table}
-    t = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, a.method, target)
+    if chat_info:
+        table["chat"] = chat_info
+    path = model.pkg.path
+    sparsity = {"method": a.method, "level": 0.0 if target is None else target, "prefill": a.prefill,
+                "calibration": table}
+    m = _activate(path, model.pkg.manifest, sparsity, pred, new_pred)
+    write_manifest_atomic(path, m)
+    predictor.remove_stale(path, m)
+    if target is None:          # the highest level within the quality budget, measured on the package just written
+        del model
+        target, info = quality.budget_level(a, path, a.threads, a.method)
+        sparsity = dict(sparsity, level=target, budget=info)
+        write_manifest_atomic(path, _activate(path, m, sparsity, pred, False))
+        how = f"budget {info['budget']}"
+    print(f"calibrated {a.package} on {table['tokens']} tokens of {desc}"
+          + (f" and {table['chat_tokens']} answer tokens of {chat_info['transcripts']} chat transcripts" if chat else "")
+          + f" in {time.perf_counter() - t0:.0f} s; active: {a.method} at {target:.0%} sparsity ({how}), "
+          f"{a.prefill} prefill", file=sys.stderr)
+    return 0
+
+
+def _activate(path, m, sparsity: dict, pred, new_pred: bool):
+    """The manifest m with `sparsity` and the thresholds of its active method and level in every
+    layer (the predictor's too; a new predictor's files are written into the package here)."""
+    import dataclasses
+
+    from edgesparse.runtime.sparsity import predictor
+    from edgesparse.runtime.sparsity.levels import thresholds_for
+    level, method, L = sparsity["level"], sparsity["method"], m.config.n_layers
+    t = [0.0] * L if level == 0.0 else thresholds_for(sparsity, method, level)
     layers = tuple(dataclasses.replace(l, threshold=float(v)) for l, v in zip(m.layers, t))
     m = dataclasses.replace(m, sparsity=sparsity, layers=layers)
     if pred is not None:
-        tp = [0.0] * m.config.n_layers if target == 0.0 else thresholds_for(sparsity, "predicted", target)
+        tp = [0.0] * L if level == 0.0 else thresholds_for(sparsity, "predicted", level)
         if new_pred:
-            m = predictor.install(model.pkg.path, m, pred, tp)
-        else:
-            m = dataclasses.replace(m, layers=tuple(dataclasses.replace(l, pred_threshold=float(v))
-                                                    for l, v in zip(m.layers, tp)))
-    write_manifest_atomic(model.pkg.path, m)
-    predictor.remove_stale(model.pkg.path, m)
-    print(f"calibrated {a.package} on {table['tokens']} tokens of {desc} in {time.perf_counter() - t0:.0f} s; "
-          f"active: {a.method} at {target:.0%} sparsity", file=sys.stderr)
-    return 0
+            return predictor.install(path, m, pred, tp)
+        m = dataclasses.replace(m, layers=tuple(dataclasses.replace(l, pred_threshold=float(v))
+                                                for l, v in zip(m.layers, tp)))
+    return m
 
 
 class _h5_dump:
@@ -96,6 +130,7 @@ def evaluate(a: argparse.Namespace) -> int:
     from edgesparse.runtime.sparsity.evaluate import evaluate, table
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.measure.plots import eval_figures
+    from edgesparse.runtime.measure.quality_plots import quality_figure
     from edgesparse.runtime.core.text import TextCodec
     from edgesparse.runtime.sparsity.textdata import load_text, token_windows
 
@@ -105,19 +140,13 @@ def evaluate(a: argparse.Namespace) -> int:
     if a.windows is not None and a.windows < 1:
         raise EdgesparseError(f"--windows: expected a positive integer, got {a.windows}")
     out = output_dir(a.output)
-    model = Model(a.package, threads=a.threads, ctx=a.ctx, max_batch=a.ctx)
+    model = Model(a.package, threads=a.threads, ctx=max(a.ctx, quality.CHAT_CTX), max_batch=a.ctx)
     if a.ctx > model.cfg.max_position:
         raise EdgesparseError(f"--ctx {a.ctx}: longer than the model's context ({model.cfg.max_position}); "
                               "lower --ctx")
     sp = model.pkg.manifest.sparsity
-    calibrated = sorted(sp["calibration"]["thresholds"]) if sp.get("calibration") else ["paper"]
-    methods = a.methods.split(",") if a.methods else [
-        "predict" if m == "predicted" else m for m in calibrated]
-    unknown = [m for m in methods if m not in ("paper", "gate", "input", "predict")]
-    if unknown:
-        raise EdgesparseError(f"--methods: unknown {unknown}; expected paper, gate, input, predict")
-    if "predict" in methods and not model.has_predictor:
-        raise EdgesparseError(f"{a.package}: --methods predict needs a predictor (calibrate --predictor)")
+    quality.check_eval_options(a)
+    methods, settings, _ = quality.eval_plan(a, model, targets)
     if any(q > 0 for q in targets) and not sp.get("calibration"):
         raise EdgesparseError(f"{a.package}: not calibrated; run `edgesparse calibrate` or use --sparsity 0")
     tools = None
@@ -134,14 +163,16 @@ def evaluate(a: argparse.Namespace) -> int:
     windows = token_windows(ids, a.ctx, a.windows, desc)
     t0 = time.perf_counter()
     res = evaluate(model, windows, methods, targets, progress=not a.quiet)
+    res["text"] = desc
+    extra = quality.eval_quality(a, model, windows, settings, res)
     if tools is not None:
         res["against"] = _against_llama_cpp(model, text, ids, a.ctx, len(windows), tools, a.quiet)
     res["text"], res["seconds"], res["threads"] = desc, time.perf_counter() - t0, model.threads
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
-    md = table(res)
+    md = "\n\n".join([table(res), *extra])
     (out / "eval.md").write_text(md + "\n")
-    figs = eval_figures(res, sp, out, model.cfg.arch)
+    figs = eval_figures(res, sp, out, model.cfg.arch) + quality_figure(res, out, model.cfg.arch)
     print(md)
     print(f"{desc}: {res['windows']} windows x {a.ctx} tokens, {res['seconds']:.0f} s; wrote {out / 'eval.json'}"
           + (f" and {len(figs)} figures" if figs else " (no figures: pip install matplotlib)"), file=sys.stderr)
@@ -253,10 +284,11 @@ def add_parsers(sub) -> None:
     c = text_command(sub, "calibrate", "calibrate per-layer sparsity thresholds on text", "validation", calibrate)
     c.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     c.add_argument("--method", default="paper", help="active method: paper (|h|), gate (CATS), input (TEAL)")
-    c.add_argument("--target", default="0.5", help="active target sparsity")
+    c.add_argument("--target", default=None, help="force this active target sparsity instead of the --budget's level")
     c.add_argument("--dump", metavar="FILE.h5", help="write the dense activations h[layer, token, neuron]")
     c.add_argument("--predictor", action="store_true",
                    help="also build the activation predictor (int8 gate/up rows) and calibrate its thresholds")
+    quality.add_calibrate_options(c)
 
     ev = text_command(sub, "eval", "perplexity vs sparsity with the runtime", "test", evaluate)
     ev.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
@@ -264,11 +296,14 @@ def add_parsers(sub) -> None:
     ev.add_argument("--sparsity", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                     help="comma-separated calibrated target sparsities to evaluate (0 = dense)")
     ev.add_argument("--methods", default=None,
-                    help="comma-separated: paper, gate, input, predict (default: every calibrated one)")
+                    help="comma-separated criteria of threshold mode: paper, gate, input (default: every calibrated "
+                         "one, the package's active one first, then paper, gate, input); 'predict' still works "
+                         "but is --ffn predict")
     ev.add_argument("--against", metavar="llama.cpp", help="also llama.cpp's llama-perplexity, and the dense model "
                     "on exactly the tokens and positions it scores (second half of each --ctx chunk)")
     ev.add_argument("--gguf", metavar="FILE", help="the GGUF for --against llama.cpp (default: the package's source)")
     ev.add_argument("-o", "--output", default="edgesparse-eval", help="directory for eval.json and figures")
+    quality.add_eval_options(ev)
 
     an = text_command(sub, "analyze", "how predictable the active neurons are (per layer, JSON and plots)", "test",
                        analyze)

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgesparse.errors import EdgesparseError
 
 from .args import HelpFormatter
+from . import quality
 from .sparsity import calibrate
 
 
@@ -38,7 +39,8 @@ def export(a: argparse.Namespace) -> int:
     print(f"wrote {out}", file=sys.stderr)
     if a.calibrate:
         a.package, a.text, a.tokens, a.method, a.target, a.dump, a.threads, a.predictor = (
-            str(out), a.calibrate, 16384, "paper", 0.5, None, None, False)
+            str(out), a.calibrate, 16384, "paper", None, None, None, False)
+        vars(a).update(quality.calibrate_defaults())     # chat transcripts, the budget: as `calibrate` does
         return calibrate(a)
     return 0
 

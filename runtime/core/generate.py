@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgesparse.errors import EdgesparseError
+
 from .model import Model
 from .sampling import Sampler
 
@@ -59,16 +61,27 @@ def peak_rss_mb() -> float:
 
 
 def generate(model: Model, prompt_ids: list[int], max_new: int, sampler: Sampler,
-             on_token=None, tuner=None) -> tuple[list[int], RunStats]:
+             on_token=None, prefill: str = "sparse", tuner=None) -> tuple[list[int], RunStats]:
     """Prefill the prompt, then decode up to max_new tokens, stopping at EOS or when the context is
     full (RunStats.stop says which).
-    on_token(id) is called as each token is chosen, for streaming; tuner (threads.ThreadTuner), if
-    given, sees each decode step's time and sets the next step's thread count."""
+    on_token(id) is called as each token is chosen, for streaming.
+    prefill: 'sparse' runs the prompt in the model's FFN mode, 'dense' runs it dense and only the
+    generated tokens sparse (the prefill policy: sparsity/levels.py says why it is the default).
+    tuner (threads.ThreadTuner), if given, sees each decode step's time and sets the next step's
+    thread count."""
+    if prefill not in ("sparse", "dense"):
+        raise EdgesparseError(f"--prefill: expected sparse or dense, got {prefill!r}")
     cfg = model.cfg
     eos = set(cfg.eos_token_ids)
     model.reset()
     t0 = time.perf_counter()
-    logits = model.forward(prompt_ids)
+    mode = model.ffn_mode
+    if prefill == "dense":
+        model.set_ffn_mode("dense")
+    try:
+        logits = model.forward(prompt_ids)
+    finally:
+        model.ffn_mode = mode
     t_prefill = time.perf_counter() - t0
     out, lat, stop = [], [], "tokens"
     for i in range(max_new):

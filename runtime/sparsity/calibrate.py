@@ -79,24 +79,33 @@ class LogHistogram:
 
 
 def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, progress: bool = True,
-              dump=None, what: str = "the calibration text", predictor=None) -> dict:
+              dump=None, what: str = "the calibration text", predictor=None, chat=None) -> dict:
     """Collect the three distributions on up to `tokens` tokens of `ids` (windows of `window`
     tokens from position 0, dense model) and return the calibration table for the manifest.
-    dump: optional callable(layer, token_offset, h [S, N]) receiving the dense neuron outputs.
-    predictor: optional list per layer of (pq, ps) int8 predictor arrays to tabulate |h^| for."""
+    dump: optional callable(layer, token_offset, h [S, N]) receiving the text's dense neuron outputs.
+    predictor: optional list per layer of (pq, ps) int8 predictor arrays to tabulate |h^| for.
+    chat: optional chat transcripts [(ids [T], first)], each run whole from position 0 with the
+    positions first.. (the answer) added to the same distributions (answers.transcripts)."""
     from .textdata import token_windows
     if window <= 64:
         raise EdgesparseError(f"calibration window {window}: must be more than 64 tokens")
     if tokens < window:
         raise EdgesparseError(f"--tokens {tokens}: must be at least one window ({window})")
     wins = token_windows(ids, window, tokens // window, what)
+    chat = list(chat or [])
+    longest = max([window] + [len(t) for t, _ in chat])
+    if longest > model.max_batch:
+        raise EdgesparseError(f"a chat transcript of {longest} tokens is longer than the calibration batch "
+                              f"({model.max_batch}); use shorter answers")
     L = model.cfg.n_layers
     methods = METHODS + (("predicted",) if predictor is not None else ())
     hist = {m: LogHistogram(L) for m in methods}
     act = K.ACT_CODES[model.cfg.activation]
-    h_buf = np.empty(window * model.cfg.ffn_dim, np.float32)    # [S, N_l] views (N_l < N when pruned)
+    h_buf = np.empty(longest * model.cfg.ffn_dim, np.float32)   # [S, N_l] views (N_l < N when pruned)
     a_buf = np.empty_like(h_buf)
-    def observe(layer: int, offset: int, f, g, u) -> None:
+
+    def tally(layer: int, f, g, u) -> np.ndarray:
+        """Add one layer's rows f [S, D], g, u [S, N] to the distributions; returns h [S, N]."""
         S, N = g.shape
         a, h = a_buf[:S * N].reshape(S, N), h_buf[:S * N].reshape(S, N)
         K.activation(g, act, a)
@@ -110,12 +119,24 @@ def calibrate(model, ids: list[int], tokens: int = 16384, window: int = 512, pro
             gp, up = K.predicted_gate_up(*predictor[layer], lw.ffn_bias_in, f, wp)        # [S, N]
             K.activation(gp, act, gp)
             hist["predicted"].add(layer, gp if up is None else gp * up)
+        return h
+
+    def observe(layer: int, offset: int, f, g, u) -> None:
+        h = tally(layer, f, g, u)
         if dump is not None:
             dump(layer, offset, h)
 
     run_dense(model, wins, observe, "calibrate", progress)
     table = {"tokens": int(wins.size), "window": window, "levels": list(LEVELS),
              "thresholds": {}, "histograms": {}}
+    if chat:
+        # run_dense hands each transcript's rows over with the offset of its first token
+        starts = np.cumsum([0] + [len(t) for t, _ in chat])[:-1]
+        first = {int(o): k for o, (_, k) in zip(starts, chat)}
+        run_dense(model, [np.asarray(t, np.int64) for t, _ in chat],
+                  lambda layer, offset, f, g, u: tally(layer, f[first[offset]:], g[first[offset]:], u[first[offset]:]),
+                  "calibrate, chat", progress)
+        table["chat_tokens"] = int(sum(len(t) - k for t, k in chat))
     for m in methods:
         th = [[hist[m].quantile(l, q) for l in range(L)] for q in LEVELS]
         table["thresholds"][m] = th

@@ -18,7 +18,7 @@ from edgesparse.runtime.sparsity.textdata import token_windows
 TEXT_WORDS = 3000
 CAL_TOKENS = 2048
 TINY_WINDOW = 256          # the CLI's window for the tiny package: min(512, max_position 256)
-EVAL_KEYS = {"windows", "window_tokens", "predicted_tokens", "results", "text", "seconds", "threads"}
+EVAL_KEYS = {"windows", "window_tokens", "predicted_tokens", "results", "text", "seconds", "threads", "kld"}
 RESULT_KEYS = {"method", "target", "perplexity", "achieved_sparsity_mean", "achieved_sparsity_per_layer",
                "ffn_bytes_skippable"}
 BIN_LOG10 = (LOG_HI - LOG_LO) / BINS           # width of one histogram bin in log10 units
