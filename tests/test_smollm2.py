@@ -28,7 +28,8 @@ N_TOKENS = 24       # fed these ids, SmolLM2 ends its greedy answer (EOS) after 
 # Documented in edgesparse.runtime.generate.RunStats (`edgesparse run --stats-json`).
 STATS_KEYS = {"prompt_tokens", "generated_tokens", "prefill_ms", "decode_tokens_per_s", "latency_p50_ms",
               "latency_p90_ms", "peak_rss_mb", "ffn_rows_read_per_token", "ffn_rows_total",
-              "ffn_rows_read_fraction", "threads", "stop", "thread_choice"}
+              "ffn_rows_read_fraction", "threads", "stop", "thread_choice", "head_mb_per_token",
+              "head_full_mb", "head"}
 
 
 def _default_gguf():
@@ -90,7 +91,7 @@ def test_cli_run_text_and_stats_json(smollm2_pkg, smollm2_hf, hf_greedy, capsys,
     print("stdout:", repr(out))
     assert out == want + "\n"
     lines = err.splitlines()
-    assert [l.split()[0] for l in lines] == ["prompt", "decode", "peak", "FFN"]
+    assert [l.split()[0] for l in lines] == ["prompt", "decode", "peak", "FFN", "lm_head"]
 
     def no_nan(name):   # strict JSON: NaN/Infinity are not JSON
         raise ValueError(f"non-standard JSON constant {name}")
@@ -106,6 +107,8 @@ def test_cli_run_text_and_stats_json(smollm2_pkg, smollm2_hf, hf_greedy, capsys,
     for k in ("prefill_ms", "decode_tokens_per_s", "latency_p50_ms", "latency_p90_ms", "peak_rss_mb"):
         assert math.isfinite(stats[k]) and stats[k] > 0, k
     assert stats["latency_p50_ms"] <= stats["latency_p90_ms"]
+    # the default head is the full one: every decode step reads all of it
+    assert stats["head"] == "full" and stats["head_mb_per_token"] == pytest.approx(stats["head_full_mb"])
 
 
 def test_chat_prompt_matches_transformers_template(smollm2_pkg, smollm2_hf, llama_tokenize):
