@@ -17,7 +17,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from helpers.llama_cpp import LlamaTokenize  # noqa: E402
 
 # Tiny model: small and odd-ish on purpose. head_dim = 96/6 = 16 (ORT's GroupQueryAttention wants a
 # multiple of 8), GQA with 3 query heads per kv head, intermediate 136 is not a power of two.
@@ -228,9 +227,13 @@ def smol_gguf_as(llama_cpp_bin, smol_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def llama_tokenize() -> LlamaTokenize:
-    """llama.cpp's own tokenizer (its llama-tokenize), the reference for the package tokenizer:
-    found, skipped or failed as llama_cpp_bin is."""
+def llama_tokenize():
+    """llama.cpp's own tokenizer (its llama-tokenize, a helpers.llama_cpp.LlamaTokenize), the
+    reference for the package tokenizer: found, skipped or failed as llama_cpp_bin is. Imported
+    here, not at the top: devices/qemu-arm64/host_reference.py loads this module by path, where
+    tests/ (pytest's `pythonpath`) is not importable."""
+    from helpers.llama_cpp import LlamaTokenize
+
     from edgesparse.errors import EdgesparseError
     from edgesparse.runtime.measure import llama_cpp
     try:

@@ -361,9 +361,11 @@ def test_analyze_cli(pred_pkg, text_file, tmp_path, capsys):
     cost = res["cost"]
     assert len(cost["per_layer"]) == 3 and cost["level"] == 0.5 and cost["load"] == "mmap"
     assert "| predictor MB | predictor ms |" in stdout and "FFN bytes per token" in stdout
+    assert cost["head"] == "full" and "lm_head bytes per token" in stdout and "(--head full)" in stdout
     assert (out / "analyze_cost.png").read_bytes()[:4] == b"\x89PNG"
     cli_error(capsys, ["analyze", pred_pkg, "--text", text_file, "--tokens", 100], "--tokens 100")
     cli_error(capsys, ["analyze", pred_pkg, "--text", text_file, "--load", "disk"], "--load", "disk")
+    cli_error(capsys, ["analyze", pred_pkg, "--text", text_file, "--head", "sparse"], "int8")   # a float head
 
 
 def test_layer_cost_against_a_plain_decode(pred_pkg, text_file):
@@ -405,5 +407,10 @@ def test_layer_cost_against_a_plain_decode(pred_pkg, text_file):
         assert row["ffn_bytes"] == tensor_bytes(lw.ffn)
         for k in ("predictor_ms", "predict_ms", "dense_ms"):
             assert math.isfinite(row[k]) and row[k] > 0
+    # the full head: every decode step reads the whole lm_head tensor (and its scales, if any)
+    head = "embed" if model.cfg.tie_embeddings else "lm_head"      # float32: no scales
+    print("head bytes per token", cost["total"]["head_bytes_per_token"], "of", cost["total"]["head_full_bytes"])
+    assert cost["head"] == "full"
+    assert cost["total"]["head_bytes_per_token"] == cost["total"]["head_full_bytes"] == tensor_bytes(head)
     with pytest.raises(EdgesparseError, match="69 tokens of text needed"):
         layer_cost.measure(model, ids[:30], 0.5, prompt=5, steps=64, progress=False)

@@ -253,6 +253,9 @@ def analyze(a: argparse.Namespace) -> int:
     level = levels(str(a.sparsity), "--sparsity")[0]
     out = output_dir(a.output)
     model = Model(a.package, threads=a.threads, ctx=512, max_batch=512, load=a.load)
+    if a.head == "sparse":
+        from edgesparse.runtime.core.head import set_head
+        set_head(model, "sparse")
     window = model.ctx        # 512 tokens, or the whole context of a model with a shorter one
     analyze.check_tokens(a.tokens, window)
     sp = model.pkg.manifest.sparsity
@@ -311,6 +314,8 @@ def add_parsers(sub) -> None:
     an.add_argument("--sparsity", default="0.5", help="calibrated level that defines 'active'")
     an.add_argument("--load", default="mmap", metavar="mmap|ram",
                     help="how the weights are loaded for the per-layer cost (see run --load)")
+    an.add_argument("--head", default="full", choices=["full", "sparse"],
+                    help="lm_head of the per-layer cost's decode steps (see run --head); its bytes per token are reported")
     an.add_argument("-o", "--output", default="edgesparse-analyze", help="directory for analyze.json and the plots")
 
     pr = text_command(sub, "prune", "drop FFN neurons calibration finds almost never active (writes a copy)",

@@ -7,9 +7,12 @@ The same text tokens are fed one at a time (after a short prompt) in three runs,
     predictor   the same kernel with every candidate threshold at +inf: the predictor pass alone
                 (no neuron is a candidate, so not one row of the FFN file is read)
     dense       every neuron's three rows
-The predict run's counts give candidates, survivors and rows read per token. Times are medians
+The predict run's counts give candidates, survivors and rows read per token, and its lm_head bytes
+per token (the whole head, or the sparse head's draft and candidate blocks: whichever head the model
+has, see core/head.py set_head). Times are medians
 over rounds on the machine as it is: a small model partly stays in a large L3 between tokens
-(480 MB here, so a 135M float32 model's FFN rows are partly cached and a 0.5B model's are not).
+(32 MB on this project's workstation: a 135M int4 model's 90 MB per token does not fit, its
+hottest rows may).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def measure(model, ids: np.ndarray, level: float, prompt: int = 32, steps: int =
                     model.forward(tok[None])
                 secs[run].append(model.ffn_seconds / steps)
                 counts[run] = model.counts.copy()      # [L, (kept, total, candidates)], same every round
+                if run == "predict":
+                    head_bytes = float(np.mean(model.stats.head_bytes[-steps:]))
                 model.ffn_seconds = None
                 bar.update()
     finally:
@@ -83,8 +88,11 @@ def measure(model, ids: np.ndarray, level: float, prompt: int = 32, steps: int =
     tot = {k: float(sum(r[k] for r in layers)) for k in
            ("predictor_bytes", "ffn_bytes", "predict_bytes_per_token", "predictor_ms", "predict_ms", "dense_ms")}
     tot["rows_read_fraction"] = float(np.mean([r["rows_read_fraction"] for r in layers]))
+    tot["head_bytes_per_token"] = head_bytes
+    tot["head_full_bytes"] = float(model.head.nbytes + model.head_scale.nbytes)
     return {"level": level, "prompt": prompt, "steps": steps, "rounds": rounds, "threads": model.threads,
-            "load": model.pkg.load, "per_layer": layers, "total": tot}
+            "load": model.pkg.load, "head": "full" if model.sparse_head is None else "sparse",
+            "per_layer": layers, "total": tot}
 
 
 def table(cost: dict) -> str:
@@ -100,4 +108,6 @@ def table(cost: dict) -> str:
     lines.append(f"\nFFN bytes per token: dense {t['ffn_bytes'] / 1e6:.1f} MB, predict "
                  f"{t['predict_bytes_per_token'] / 1e6:.1f} MB (predictor included); {cost['steps']} decode steps, "
                  f"median of {cost['rounds']} rounds, {cost['threads']} thread(s), --load {cost['load']}")
+    lines.append(f"lm_head bytes per token: {t['head_bytes_per_token'] / 1e6:.1f} MB of {t['head_full_bytes'] / 1e6:.1f} MB "
+                 f"(--head {cost['head']})")
     return "\n".join(lines)
