@@ -246,6 +246,7 @@ def analyze(a: argparse.Namespace) -> int:
     from edgesparse.runtime.measure import plots
     from edgesparse.runtime.sparsity import analyze, layer_cost
     from edgesparse.runtime.sparsity.levels import thresholds_for
+    from edgesparse.runtime.core.head import set_head
     from edgesparse.runtime.core.model import Model
     from edgesparse.runtime.core.text import TextCodec
     from edgesparse.runtime.sparsity.textdata import load_text, token_windows
@@ -253,9 +254,7 @@ def analyze(a: argparse.Namespace) -> int:
     level = levels(str(a.sparsity), "--sparsity")[0]
     out = output_dir(a.output)
     model = Model(a.package, threads=a.threads, ctx=512, max_batch=512, load=a.load)
-    if a.head == "sparse":
-        from edgesparse.runtime.core.head import set_head
-        set_head(model, "sparse")
+    set_head(model, a.head)
     window = model.ctx        # 512 tokens, or the whole context of a model with a shorter one
     analyze.check_tokens(a.tokens, window)
     sp = model.pkg.manifest.sparsity
